@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny configs and datasets written in torchvision's on-disk formats."""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vqstudy.config import TrialConfig
+
+torch.set_num_threads(2)
+
+
+def tiny_config(**flat) -> TrialConfig:
+    """A trial that trains in well under a second on a CPU core."""
+    base = {
+        "data.num_train": 256, "data.num_eval": 128, "data.dim": 8, "data.num_components": 16,
+        "model.latent_dim": 4, "model.encoder_width": 16, "model.decoder_width": 16,
+        "quantizer.codebook_size": 32, "train.steps": 20, "train.batch_size": 32,
+        "train.eval_every": 10, "train.eval_batch_size": 64, "train.device": "cpu",
+    }
+    return TrialConfig.from_dict({**base, **flat})
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """MNIST's IDX format: zero, zero, type code 0x08 (ubyte), ndim; big-endian int32 sizes; data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def mnist_root(tmp_path):
+    """MNIST and FashionMNIST raw files (12 train / 5 test 28x28 images); returns (root, train images)."""
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    test = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    for folder in ("MNIST", "FashionMNIST"):
+        raw = tmp_path / folder / "raw"
+        write_idx(raw / "train-images-idx3-ubyte", train)
+        write_idx(raw / "train-labels-idx1-ubyte", rng.integers(0, 10, 12))
+        write_idx(raw / "t10k-images-idx3-ubyte", test)
+        write_idx(raw / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 5))
+    return tmp_path, train
+
+
+@pytest.fixture
+def cifar_root(tmp_path, monkeypatch):
+    """CIFAR-10 python pickles (5 train batches of 4, one test batch of 3). torchvision checks
+    each file's MD5 against the release's; the expected MD5s are set to our files' own."""
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    md5 = lambda p: hashlib.md5(p.read_bytes()).hexdigest()  # noqa: E731
+
+    def dump(name, obj):
+        (folder / name).write_bytes(pickle.dumps(obj))
+        return [name, md5(folder / name)]
+
+    images = []
+    train_list = []
+    for i in range(1, 6):
+        batch = rng.integers(0, 256, (4, 3 * 32 * 32), dtype=np.uint8)
+        images.append(batch)
+        train_list.append(dump(f"data_batch_{i}", {"data": batch, "labels": list(range(4))}))
+    test_list = [dump("test_batch", {"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), "labels": [0, 1, 2]})]
+    meta = dump("batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
+    monkeypatch.setattr(CIFAR10, "train_list", train_list)
+    monkeypatch.setattr(CIFAR10, "test_list", test_list)
+    monkeypatch.setattr(CIFAR10, "meta", {"filename": meta[0], "key": "label_names", "md5": meta[1]})
+    return tmp_path, np.concatenate(images).reshape(-1, 3, 32, 32)

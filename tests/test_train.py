@@ -1,0 +1,119 @@
+"""The training core: a smoke run per data kind, determinism, checkpoint-resume equality,
+divergence, deferred quantization, and that the core never imports ray/optuna/mlflow."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vqstudy.quantizers import QUANTIZERS
+from vqstudy.train import CHECKPOINT_FILE, Diverged, train
+
+from .conftest import tiny_config
+
+METRIC_KEYS = {"step", "recon_mse", "utilization", "perplexity", "normalized_entropy", "dead_codes",
+               "quant_error", "effective_dim", "codebook_effective_dim", "train_time_s", "samples_per_s"}
+
+
+@pytest.mark.parametrize("name", list(QUANTIZERS))
+def test_smoke_vectors(name):
+    """Each quantizer trains on vectors; reports at every eval; metrics finite and in range."""
+    reports = []
+    metrics = train(tiny_config(**{"quantizer.name": name}), report=reports.append)
+    assert [r["step"] for r in reports] == [10, 20] and reports[-1] == metrics
+    assert METRIC_KEYS <= metrics.keys() and "psnr" not in metrics
+    assert all(torch.isfinite(torch.tensor(float(v))) for v in metrics.values())
+    assert 0 < metrics["utilization"] <= 1 and metrics["dead_codes"] == round(32 * (1 - metrics["utilization"]))
+
+
+def test_smoke_images_and_loss_decreases():
+    """A conv model on shapes reports psnr, and reconstruction improves with training."""
+    cfg = tiny_config(**{"data.name": "shapes", "data.image_size": 16, "train.steps": 40, "train.eval_every": 5,
+                         "train.lr": 3e-3, "model.encoder_depth": 1, "model.decoder_depth": 1})
+    reports = []
+    metrics = train(cfg, report=reports.append)
+    assert "psnr" in metrics and metrics["psnr"] > 0
+    assert reports[-1]["recon_mse"] < reports[0]["recon_mse"]
+
+
+def test_uneven_last_eval():
+    """The last step always evaluates, even off the eval_every grid."""
+    reports = []
+    train(tiny_config(**{"train.steps": 25}), report=reports.append)
+    assert [r["step"] for r in reports] == [10, 20, 25]
+
+
+def test_deterministic_for_a_seed():
+    """Same seed, same metrics; another seed, other metrics."""
+    cfg = tiny_config()
+    a, b = train(cfg), train(cfg)
+    c = train(cfg.with_overrides(["train.seed=1"]))
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("train_time_s", "samples_per_s")}  # noqa: E731
+    assert drop(a) == drop(b) and drop(a) != drop(c)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("overrides", [
+    {"quantizer.name": "vq", "quantizer.init": "kmeans", "quantizer.warmup_steps": 15},
+    {"quantizer.name": "ema", "quantizer.dead_code_threshold": 0.5},
+    {"quantizer.name": "simvq", "quantizer.rotation_trick": True},
+], ids=["vq-deferred-kmeans", "ema-restarts", "simvq-rotation"])
+def test_checkpoint_resume_equals_uninterrupted(overrides, tmp_path):
+    """Killed after a checkpoint, then resumed: the final metrics equal an uninterrupted run."""
+    cfg = tiny_config(**{"train.steps": 40, **overrides})
+    uninterrupted = train(cfg)
+
+    def die_at_20(m):
+        if m["step"] == 20:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        train(cfg, report=die_at_20, checkpoint_dir=tmp_path)
+    assert (tmp_path / CHECKPOINT_FILE).exists()
+    resumed = train(cfg, checkpoint_dir=tmp_path)
+    for key in METRIC_KEYS - {"train_time_s", "samples_per_s"}:
+        assert resumed[key] == uninterrupted[key], key
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    """The checkpoint holds only tensors and plain types (torch.load weights_only=True)."""
+    train(tiny_config(), checkpoint_dir=tmp_path)
+    ckpt = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    assert ckpt["state"]["step"] == 20 and {"model", "optimizer", "batch_rng", "rng"} <= ckpt.keys()
+
+
+def test_finished_checkpoint_returns_without_training(tmp_path):
+    """Resuming a finished trial returns its final metrics at once."""
+    first = train(tiny_config(), checkpoint_dir=tmp_path)
+    calls = []
+    assert train(tiny_config(), report=calls.append, checkpoint_dir=tmp_path) == first and calls == []
+
+
+def test_divergence_raises_with_step_and_last_metrics():
+    """A non-finite loss raises Diverged carrying the step and the last evaluated metrics."""
+    cfg = tiny_config(**{"train.lr": 1e6, "train.eval_every": 1, "train.steps": 50})
+    reports = []
+    with pytest.raises(Diverged) as err:
+        train(cfg, report=reports.append)
+    assert err.value.step > 1 and err.value.metrics == reports[-1]
+    assert err.value.metrics["step"] == err.value.step - 1
+
+
+def test_deferred_quantization_initializes_from_mature_latents():
+    """warmup + kmeans: codes sit on encoder outputs after warmup, so most of them are used."""
+    cfg = tiny_config(**{"quantizer.init": "kmeans", "quantizer.warmup_steps": 20, "train.steps": 21,
+                         "train.eval_every": 100, "quantizer.codebook_size": 16})
+    deferred = train(cfg)
+    random_init = train(cfg.with_overrides(["quantizer.init=random", "quantizer.warmup_steps=0"]))
+    assert deferred["utilization"] > random_init["utilization"]
+
+
+def test_core_imports_no_orchestration():
+    """Importing the core and the CLI pulls in no ray, optuna or mlflow."""
+    code = ("import sys, vqstudy.train, vqstudy.cli, vqstudy.metrics;"
+            "bad = [m for m in ('ray', 'optuna', 'mlflow') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,128 @@
+"""The `vqstudy` command.
+
+    vqstudy train [--config FILE] [--set key=value]... [--json]
+    vqstudy list [--keys]
+
+Bad input (unknown key, wrong type, missing file, YAML error) gets one line on stderr
+naming the problem and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .config import ConfigError, TrialConfig, describe
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (not usage + error) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vqstudy", description="Scaling studies of vector-quantized autoencoders.")
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train one trial and print its final metrics")
+    p.add_argument("--config", help="trial config YAML (nested or dotted keys)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set quantizer.codebook_size=1024 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the final metrics as one JSON line")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("list", help="list the registered quantizers and datasets")
+    p.add_argument("--keys", action="store_true", help="also list every config key with its default")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def load_trial_config(path: str | None, overrides: list[str]) -> TrialConfig:
+    cfg = TrialConfig.from_yaml(path) if path else TrialConfig()
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def _fmt(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def progress_printer(total_steps: int):
+    """A report() that keeps one progress line on stderr (rewritten in place on a terminal)."""
+    start = time.perf_counter()
+    tty = sys.stderr.isatty()
+
+    def report(m: dict) -> None:
+        line = (f"step {m['step']}/{total_steps}  recon_mse {m['recon_mse']:.5f}  "
+                f"utilization {m['utilization']:.3f}  perplexity {m['perplexity']:.1f}  "
+                f"[{time.perf_counter() - start:.1f}s]")
+        sys.stderr.write(("\r" + line) if tty else (line + "\n"))
+        sys.stderr.flush()
+
+    report.finish = lambda: tty and sys.stderr.write("\n")  # type: ignore[attr-defined]
+    return report
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import Diverged, train  # torch import only when training
+
+    cfg = load_trial_config(args.config, args.overrides)
+    report = progress_printer(cfg.train.steps)
+    try:
+        metrics = train(cfg, report=report)
+    except Diverged as e:
+        report.finish()
+        sys.stderr.write(f"vqstudy: trial diverged: {e}\n")
+        return 1
+    report.finish()
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        width = max(map(len, metrics))
+        for key, value in metrics.items():
+            print(f"{key:<{width}}  {_fmt(value)}")
+    return 0
+
+
+def _first_line(doc: str | None) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .data import DATASETS
+    from .quantizers import QUANTIZERS, options_of
+
+    print("quantizers:")
+    for name, cls in QUANTIZERS.items():
+        opts = ", ".join(f"{k}={v}" for k, v in options_of(name).items())
+        print(f"  {name:<8} {_first_line(sys.modules[cls.__module__].__doc__)}")
+        print(f"  {'':<8} options: {opts}")
+    print("datasets:")
+    for name, build in DATASETS.items():
+        print(f"  {name:<17} {_first_line(build.__doc__)}")
+    if args.keys:
+        print("config keys:")
+        for key, default, doc in describe():
+            print(f"  {key:<28} {str(default):<17} {doc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        sys.stderr.write(f"vqstudy: error: {e}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stderr.write("\nvqstudy: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

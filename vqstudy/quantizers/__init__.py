@@ -1,0 +1,53 @@
+"""The quantizer registry: one dict, one factory, one contract (`QuantOut`).
+
+Every entry is a module built as `cls(dim, codebook_size, **options)` whose
+`forward(z)` takes channel-last z (..., D) and returns `QuantOut(z_q, indices, losses)`,
+whose `decode(indices)` gives back z_q, and whose `codebook` property returns the
+materialized codes (K, D). Entries with `init_from_data` accept k-means init.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from ..config import ConfigError
+from ._common import QuantOut, nearest_code
+from .ema import EMAVQ
+from .simvq import SimVQ
+from .vq import VQ
+
+QUANTIZERS: dict[str, type[nn.Module]] = {
+    "vq": VQ,
+    "ema": EMAVQ,
+    "simvq": SimVQ,
+}
+
+__all__ = ["QUANTIZERS", "QuantOut", "build_quantizer", "options_of", "nearest_code", "supports_kmeans"]
+
+
+def _lookup(name: str) -> type[nn.Module]:
+    if name not in QUANTIZERS:
+        raise ConfigError(f"quantizer.name: {name!r} is not one of {', '.join(QUANTIZERS)}")
+    return QUANTIZERS[name]
+
+
+def options_of(name: str) -> dict[str, Any]:
+    """Option name -> default, for the quantizer `name` (its keyword-only arguments)."""
+    params = inspect.signature(_lookup(name).__init__).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+def supports_kmeans(name: str) -> bool:
+    return hasattr(_lookup(name), "init_from_data")
+
+
+def build_quantizer(name: str, *, dim: int, codebook_size: int, **options: Any) -> nn.Module:
+    """Build any registered quantizer; unknown names and options raise ConfigError."""
+    allowed = options_of(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"quantizer {name}: unknown option {unknown[0]!r} "
+                          f"(allowed: {', '.join(allowed) or 'none'})")
+    return _lookup(name)(dim, codebook_size, **options)

@@ -1,0 +1,172 @@
+"""The one training core every trial calls: `train(cfg, report, checkpoint_dir) -> metrics`.
+
+The CLI, the Ray trainable and the tests all call this function; integrations stay out
+of it (no ray, optuna or mlflow imports). Adam on recon MSE + the quantizer's named
+losses; every `train.eval_every` steps the whole eval set is measured, a checkpoint is
+written (if asked) and `report(metrics)` is called, in that order, so a scheduler that
+receives the report can attach the checkpoint that matches it.
+
+Deferred quantization ("Early Quantization Shrinks Codebook"): for
+`quantizer.warmup_steps` steps the model trains as a continuous autoencoder, then (with
+`quantizer.init: kmeans`) the codebook is k-means-initialized on encoder outputs and
+quantization begins. `warmup_steps: 0` + `kmeans` is early quantization on an untrained encoder.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrialConfig
+from .data import Dataset, load_dataset, to_float
+from .metrics import EvalAccumulator
+from .models import VQAutoencoder, build_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+Report = Callable[[dict], None]
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss: training stopped at `step`; `metrics` are the last evaluated ones."""
+
+    def __init__(self, step: int, metrics: dict, loss: float):
+        super().__init__(f"loss became {loss} at step {step}")
+        self.step, self.metrics, self.loss = step, metrics, loss
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def get_batch(x: torch.Tensor, batch_size: int, g: torch.Generator, device) -> torch.Tensor:
+    idx = torch.randint(0, x.shape[0], (batch_size,), generator=g)
+    return to_float(x[idx]).to(device, non_blocking=True)
+
+
+def kmeans_sample_size(k: int) -> int:
+    """Encoder outputs gathered for the k-means init: 4 per code, within [4,096, 262,144]."""
+    return min(max(4 * k, 4096), 2**18)
+
+
+@torch.no_grad()
+def collect_latents(model: VQAutoencoder, x: torch.Tensor, n: int, batch_size: int, device) -> torch.Tensor:
+    """Up to n encoder outputs (n, D) from the training set, in order (deterministic)."""
+    model.eval()
+    chunks, total = [], 0
+    for i in range(0, x.shape[0], batch_size):
+        z_e = model.encode(to_float(x[i:i + batch_size]).to(device))
+        chunks.append(z_e.reshape(-1, z_e.shape[-1]))
+        total += chunks[-1].shape[0]
+        if total >= n:
+            break
+    model.train()
+    return torch.cat(chunks)[:n]
+
+
+@torch.no_grad()
+def evaluate(model: VQAutoencoder, data: Dataset, cfg: TrialConfig, device, quantize: bool = True) -> dict:
+    """Metrics over the whole eval set (see metrics.py). During deferred quantization's
+    warmup (quantize=False) the decoder sees z_e, and the code metrics are those the
+    current codebook would give."""
+    model.eval()
+    acc = EvalAccumulator(cfg.quantizer.codebook_size, cfg.model.latent_dim, data.kind == "image", device)
+    for i in range(0, data.eval.shape[0], cfg.train.eval_batch_size):
+        x = to_float(data.eval[i:i + cfg.train.eval_batch_size]).to(device)
+        z_e = model.encode(x)
+        out = model.quantizer(z_e)
+        x_hat = model.decode(out.z_q if quantize else z_e)
+        acc.update(x, x_hat, z_e, out.z_q, out.indices)
+    metrics = acc.compute(model.quantizer.codebook)
+    model.train()
+    return metrics
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | Path | None = None) -> dict:
+    """Train one trial and return its final metrics. Resumes from `checkpoint_dir` when a
+    checkpoint is there, ending with the same metrics as an uninterrupted run (CPU)."""
+    tc, qc = cfg.train, cfg.quantizer
+    device = pick_device(tc.device)
+    torch.manual_seed(tc.seed)
+    data = load_dataset(cfg.data)
+    model = build_model(cfg, data).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    batches = torch.Generator().manual_seed(tc.seed)
+    state = {"step": 0, "metrics": {}, "codebook_initialized": qc.init != "kmeans",
+             "train_time_s": 0.0, "step_time_s": 0.0}
+
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+    if ckpt_path and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        batches.set_state(ckpt["batch_rng"])
+        _set_rng_state(ckpt["rng"])
+        state = ckpt["state"]
+
+    metrics = state["metrics"]
+    wall_start, wall_before = time.perf_counter(), state["train_time_s"]
+    while state["step"] < tc.steps:
+        t0 = time.perf_counter()
+        quantize = state["step"] >= qc.warmup_steps
+        if quantize and not state["codebook_initialized"]:
+            z = collect_latents(model, data.train, kmeans_sample_size(qc.codebook_size), tc.eval_batch_size, device)
+            model.quantizer.init_from_data(z, qc.kmeans_iters)
+            state["codebook_initialized"] = True
+
+        x = get_batch(data.train, tc.batch_size, batches, device)
+        x_hat, _, out = model(x, quantize=quantize)
+        loss = F.mse_loss(x_hat, x)
+        if out is not None:
+            loss = loss + sum(out.losses.values())
+        if not math.isfinite(loss.item()):
+            raise Diverged(state["step"] + 1, metrics, loss.item())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state["step"] += 1
+        state["step_time_s"] += time.perf_counter() - t0
+
+        if state["step"] % tc.eval_every == 0 or state["step"] == tc.steps:
+            evaluated = evaluate(model, data, cfg, device, quantize)
+            if not math.isfinite(evaluated["recon_mse"]):
+                raise Diverged(state["step"], metrics, evaluated["recon_mse"])
+            metrics = {"step": state["step"], "train_loss": loss.item(), **evaluated}
+            state["train_time_s"] = wall_before + time.perf_counter() - wall_start
+            metrics["train_time_s"] = state["train_time_s"]
+            metrics["samples_per_s"] = state["step"] * tc.batch_size / max(state["step_time_s"], 1e-9)
+            state["metrics"] = metrics
+            if ckpt_path:
+                ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+                save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                            "batch_rng": batches.get_state(), "rng": _rng_state(),
+                                            "state": state})
+            if report:
+                report(dict(metrics))
+    return metrics
