@@ -2,6 +2,9 @@
 
     vqstudy train [--config FILE] [--set key=value]... [--json]
     vqstudy list [--keys]
+    vqstudy run STUDY.yaml [--out DIR] [--address ADDR] [--tracking-uri URI] [--dry-run] [--set key=value]...
+    vqstudy resume DIR [--address ADDR]
+    vqstudy status DIR
 
 Bad input (unknown key, wrong type, missing file, YAML error) gets one line on stderr
 naming the problem and exit code 2, never a traceback.
@@ -40,6 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list the registered quantizers and datasets")
     p.add_argument("--keys", action="store_true", help="also list every config key with its default")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("run", help="run a study on Ray Tune, tracked in MLflow")
+    p.add_argument("study", help="study YAML file")
+    p.add_argument("--out", help="study folder (default runs/<name>)")
+    p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local instance)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else DIR/mlflow.db)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the trials without running them")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the study's base config (repeatable)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="finish an interrupted study")
+    p.add_argument("dir", help="study folder")
+    p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local instance)")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("status", help="print a study's trial table from its stored state")
+    p.add_argument("dir", help="study folder")
+    p.set_defaults(func=cmd_status)
     return parser
 
 
@@ -87,6 +109,39 @@ def cmd_train(args: argparse.Namespace) -> int:
         for key, value in metrics.items():
             print(f"{key:<{width}}  {_fmt(value)}")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import parse_assignments
+    from .study import format_table, load_study, trial_table
+
+    study = load_study(args.study, parse_assignments(args.overrides) if args.overrides else None)
+    if args.dry_run:
+        rows = trial_table(study)
+        print(format_table(rows))
+        print(f"\n{study.name}: {study.num_trials} trials, {study.total_steps():,} training steps in total")
+        return 0
+    from .runner import run
+
+    return run(study, Path(args.out or f"runs/{study.name}"), args.address, args.tracking_uri)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .runner import resume
+
+    return resume(Path(args.dir), args.address)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .runner import status
+
+    return status(Path(args.dir))
 
 
 def _first_line(doc: str | None) -> str:

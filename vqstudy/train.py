@@ -71,10 +71,8 @@ def collect_latents(model: VQAutoencoder, x: torch.Tensor, n: int, batch_size: i
 
 
 @torch.no_grad()
-def evaluate(model: VQAutoencoder, data: Dataset, cfg: TrialConfig, device, quantize: bool = True) -> dict:
-    """Metrics over the whole eval set (see metrics.py). During deferred quantization's
-    warmup (quantize=False) the decoder sees z_e, and the code metrics are those the
-    current codebook would give."""
+def eval_pass(model: VQAutoencoder, data: Dataset, cfg: TrialConfig, device, quantize: bool = True) -> EvalAccumulator:
+    """One pass over the whole eval set, accumulated (code counts, moments, errors)."""
     model.eval()
     acc = EvalAccumulator(cfg.quantizer.codebook_size, cfg.model.latent_dim, data.kind == "image", device)
     for i in range(0, data.eval.shape[0], cfg.train.eval_batch_size):
@@ -83,9 +81,26 @@ def evaluate(model: VQAutoencoder, data: Dataset, cfg: TrialConfig, device, quan
         out = model.quantizer(z_e)
         x_hat = model.decode(out.z_q if quantize else z_e)
         acc.update(x, x_hat, z_e, out.z_q, out.indices)
-    metrics = acc.compute(model.quantizer.codebook)
     model.train()
-    return metrics
+    return acc
+
+
+@torch.no_grad()
+def evaluate(model: VQAutoencoder, data: Dataset, cfg: TrialConfig, device, quantize: bool = True) -> dict:
+    """Metrics over the whole eval set (see metrics.py). During deferred quantization's
+    warmup (quantize=False) the decoder sees z_e, and the code metrics are those the
+    current codebook would give."""
+    return eval_pass(model, data, cfg, device, quantize).compute(model.quantizer.codebook)
+
+
+def restore_model(cfg: TrialConfig, checkpoint_dir: str | Path) -> tuple[VQAutoencoder, Dataset, torch.device]:
+    """The model of a trial's latest checkpoint, with its data, for figures and analysis."""
+    device = pick_device(cfg.train.device)
+    data = load_dataset(cfg.data)
+    model = build_model(cfg, data).to(device)
+    ckpt = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), data, device
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

@@ -29,12 +29,12 @@ class SimVQ(nn.Module):
         return self.proj(self.frozen_codebook)          # C W, (K, D)
 
     def forward(self, z: Tensor) -> QuantOut:
-        codes = self.codebook                           # (K, D), differentiable w.r.t. W
         flat = z.reshape(-1, z.shape[-1])               # (N, D)
-        idx = nearest_code(flat, codes.detach())        # (N,)
-        q = F.embedding(idx, codes).view_as(z)          # gradient of the codebook term reaches W
+        with torch.no_grad():                            # the search needs all K codes, not their gradient
+            idx = nearest_code(flat, self.codebook)     # (N,)
+        q = self.decode(idx).view_as(z)                 # C[idx] W: gradient reaches W through N rows, not K
         losses = vq_losses(z, q, self.beta)
         return QuantOut(estimate_gradient(z, q, self.rotation_trick), idx.view(z.shape[:-1]), losses)
 
     def decode(self, indices: Tensor) -> Tensor:
-        return F.embedding(indices, self.codebook)
+        return self.proj(F.embedding(indices, self.frozen_codebook))

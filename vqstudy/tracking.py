@@ -1,0 +1,135 @@
+"""MLflow records: one experiment per study, one parent run per `vqstudy run` (reused by
+`vqstudy resume`), exactly one child run per trial.
+
+Ray's stock MLflow callback opens a new run whenever a trial (re)starts, so a retried or
+resumed trial would appear twice. Here a trial finds its child run by the tag
+`vqstudy.trial_id` and reopens it. Metrics go in one `log_batch` call per evaluation.
+The default store is an SQLite file given by an absolute URI: trials chdir into their
+own folders, and MLflow 3 refuses the old ./mlruns file store.
+"""
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+TRIAL_TAG = "vqstudy.trial_id"
+STUDY_TAG = "vqstudy.study"
+FAILURE_TAG = "vqstudy.failure"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def default_uri(out_dir: Path) -> str:
+    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_commit(folder: Path) -> str | None:
+    """The commit of the git checkout holding `folder`, if any (with '+dirty' for local edits)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--", ".").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def base_tags(study_name: str, study_path: Path | None) -> dict[str, str]:
+    tags = {STUDY_TAG: study_name, "vqstudy.version": __version__}
+    commit = git_commit(study_path.parent) if study_path else None
+    if commit:
+        tags["vqstudy.git_commit"] = commit
+    return tags
+
+
+def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
+    """Create (or find) the study's experiment in the driver, before any trial starts:
+    that also creates the SQLite schema once instead of racing in every trial."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_root.resolve().as_uri() if artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_parent(uri: str, experiment_id: str, run_name: str, tags: dict[str, str], params: dict[str, Any],
+                 run_id: str | None = None) -> str:
+    """The study's parent run: created once, reopened (RUNNING again) by a resume."""
+    client = _client(uri)
+    if run_id:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def finish_run(uri: str, run_id: str, ok: bool, reason: str | None = None) -> None:
+    client = _client(uri)
+    if reason:
+        client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+    client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_artifacts(uri: str, run_id: str, paths: list[Path]) -> None:
+    client = _client(uri)
+    for p in paths:
+        client.log_artifact(run_id, str(p))
+
+
+@dataclass
+class TrialRun:
+    """A trial's child run. `open()` finds the run of an earlier attempt of the same trial
+    (retry after a crash, or `vqstudy resume`) and reopens it instead of making another."""
+    client: Any
+    run_id: str
+
+    @classmethod
+    def open(cls, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, run_name: str,
+             params: dict[str, Any], tags: dict[str, str]) -> "TrialRun":
+        client = _client(uri)
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'",
+                                   max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            return cls(client, run_id)
+        all_tags = {**tags, TRIAL_TAG: trial_id, PARENT_TAG: parent_run_id}
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        log_params(client, run.info.run_id, params)
+        return cls(client, run.info.run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """All of one evaluation's metrics in one write."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def finish(self, ok: bool, reason: str | None = None) -> None:
+        if reason:
+            self.client.set_tag(self.run_id, FAILURE_TAG, reason[:5000])
+        self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
