@@ -75,3 +75,42 @@ def cifar_root(tmp_path, monkeypatch):
     monkeypatch.setattr(CIFAR10, "test_list", test_list)
     monkeypatch.setattr(CIFAR10, "meta", {"filename": meta[0], "key": "label_names", "md5": meta[1]})
     return tmp_path, np.concatenate(images).reshape(-1, 3, 32, 32)
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray instance for the whole test session (2 CPUs, loopback, no dashboard).
+    In-process studies reuse it; subprocess drivers join it with --address."""
+    import logging
+    import os
+
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"            # a throwaway local test instance only
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                   logging_level=logging.WARNING, log_to_driver=False)
+    yield ctx.address_info["address"]
+    ray.shutdown()
+
+
+def tiny_study(tmp_path, name: str = "tiny", **sections) -> Path:
+    """A study file of tiny trials (30 steps, 3 evaluations each); sections override/extend."""
+    import yaml
+
+    study = {
+        "name": name,
+        "description": "test study",
+        "base": {"data": {"num_train": 512, "num_eval": 256, "dim": 8, "num_components": 16},
+                 "model": {"latent_dim": 4, "encoder_width": 16, "decoder_width": 16},
+                 "quantizer": {"codebook_size": 16},
+                 "train": {"steps": 30, "eval_every": 10, "batch_size": 64, "eval_batch_size": 256, "device": "cpu"}},
+        "sweep": {"grid": {"quantizer.name": ["vq", "simvq"]}},
+        "resources": {"cpu": 1},
+        "tracking": {"artifacts": False},
+    }
+    for key, value in sections.items():
+        study[key] = {**study.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path

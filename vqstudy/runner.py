@@ -44,7 +44,7 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
 
     from .artifacts import trial_figures
     from .config import TrialConfig
-    from .train import Diverged, train
+    from .train import Diverged, checkpoint_step, train
 
     torch.set_num_threads(max(1, int(spec["cpu"])))
     ctx = tune.get_context()
@@ -57,6 +57,7 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             shutil.copytree(d, work)
+        run.client.set_tag(run.run_id, tracking.RESTORED_TAG, checkpoint_step(work))
     work.mkdir(parents=True, exist_ok=True)
 
     def report(metrics: dict) -> None:
@@ -167,7 +168,7 @@ def _make_searcher_class():
 
 
 # -- progress ----------------------------------------------------------------------------------
-def _make_progress_callback(total: int, keys: list[str], out=sys.stderr):
+def _make_progress_callback(total: int, keys: list[str]):
     from ray.tune import Callback
 
     class Progress(Callback):
@@ -182,8 +183,8 @@ def _make_progress_callback(total: int, keys: list[str], out=sys.stderr):
             params = " ".join(f"{k.split('.')[-1]}={_short(trial.config.get(k))}" for k in keys)
             metric = f"recon_mse={r['recon_mse']:.4g} utilization={r['utilization']:.3f}" \
                 if "utilization" in r else ""
-            out.write(f"[{self.done}/{total}] {trial.trial_id} {status:<10} {params} {metric}\n")
-            out.flush()
+            sys.stderr.write(f"[{self.done}/{total}] {trial.trial_id} {status:<10} {params} {metric}\n")
+            sys.stderr.flush()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._line(trial, "DIVERGED" if (trial.last_result or {}).get("diverged") else "done")
@@ -407,7 +408,7 @@ def trial_rows(out_dir: Path, order: Study) -> list[dict[str, Any]]:
     for t in sorted(analysis.trials, key=_grid_order(order)):
         r = t.last_result or {}
         status = "DIVERGED" if r.get("diverged") else t.status
-        rows.append({"trial_id": t.trial_id, "status": status, **t.config,
+        rows.append({"trial_id": t.trial_id, "status": status, "failures": t.num_failures, **t.config,
                      **{k: r[k] for k in ("step", "recon_mse", "utilization", "perplexity") if k in r}})
     return rows
 
@@ -417,7 +418,9 @@ def table_columns(study: Study, rows: list[dict[str, Any]]) -> list[str]:
     if study.repeats > 1:
         keys.append("train.seed")
     present = {k for r in rows for k in r}
-    return [c for c in ["trial_id", "status", *keys, "step", "recon_mse", "utilization", "perplexity"] if c in present]
+    retried = ["failures"] if any(r.get("failures") for r in rows) else []  # shown only when a trial crashed
+    return [c for c in ["trial_id", "status", *retried, *keys, "step", "recon_mse", "utilization", "perplexity"]
+            if c in present]
 
 
 def status(out_dir: Path) -> int:

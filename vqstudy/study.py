@@ -146,27 +146,27 @@ def _number(value: Any, where: str, *, integer: bool = False, minimum: float | N
     return int(value) if integer else float(value)
 
 
-def _find_include(name: str, study_path: Path | None) -> Path:
+def _find_include(name: str, study_path: Path | None, src: str) -> Path:
     """search_spaces/NAME.yaml next to the study's folder, in it, or under the working directory."""
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ConfigError(f"sweep.include: {name!r} is not a fragment name (e.g. codebook_sizes)")
+        raise ConfigError(f"{src}: sweep.include: {name!r} is not a fragment name (e.g. codebook_sizes)")
     roots = [study_path.parent.parent, study_path.parent] if study_path else []
     candidates = [r / "search_spaces" / f"{name}.yaml" for r in roots] + [Path("search_spaces") / f"{name}.yaml"]
     for c in candidates:
         if c.exists():
             return c
-    raise ConfigError(f"sweep.include: no fragment {name!r} (looked for {candidates[0]})")
+    raise ConfigError(f"{src}: sweep.include: no fragment {name!r} (looked for {candidates[0]})")
 
 
-def _merge_includes(sweep: dict, where: str, study_path: Path | None) -> dict:
+def _merge_includes(sweep: dict, src: str, study_path: Path | None) -> dict:
     """Fragments first, then the study's own sweep keys on top (grid and search merged key by key)."""
     names = sweep.get("include") or []
     names = [names] if isinstance(names, str) else names
     if not isinstance(names, list):
-        raise ConfigError(f"{where}.include: expected a name or a list of names")
+        raise ConfigError(f"{src}: sweep.include: expected a name or a list of names")
     merged: dict[str, Any] = {}
     for name in names:
-        path = _find_include(name, study_path)
+        path = _find_include(name, study_path, src)
         fragment = _require_mapping(load_yaml(path), str(path))
         _check_keys(fragment, tuple(k for k in SWEEP_KEYS if k != "include"), f"{path}: sweep")
         merged = _merge(merged, fragment)
@@ -310,7 +310,7 @@ def parse_study(raw: Any, path: Path | None = None, overrides: dict[str, Any] | 
     if overrides:
         base = base.updated(overrides, "--set")
 
-    sweep = _merge_includes(_require_mapping(raw.get("sweep"), f"{src}: sweep"), f"{src}: sweep", path)
+    sweep = _merge_includes(_require_mapping(raw.get("sweep"), f"{src}: sweep"), src, path)
     _check_keys(sweep, SWEEP_KEYS, f"{src}: sweep")
     metric, mode = _parse_objectives(sweep, src)
     tracking = _require_mapping(raw.get("tracking"), f"{src}: tracking")

@@ -20,6 +20,7 @@ from . import __version__
 TRIAL_TAG = "vqstudy.trial_id"
 STUDY_TAG = "vqstudy.study"
 FAILURE_TAG = "vqstudy.failure"
+RESTORED_TAG = "vqstudy.restored_at_step"   # set when a trial continued from a checkpoint
 PARENT_TAG = "mlflow.parentRunId"
 
 

@@ -93,6 +93,14 @@ def evaluate(model: VQAutoencoder, data: Dataset, cfg: TrialConfig, device, quan
     return eval_pass(model, data, cfg, device, quantize).compute(model.quantizer.codebook)
 
 
+def checkpoint_step(checkpoint_dir: str | Path) -> int | None:
+    """The step a checkpoint folder was written at (None when it holds none)."""
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True)["state"]["step"])
+
+
 def restore_model(cfg: TrialConfig, checkpoint_dir: str | Path) -> tuple[VQAutoencoder, Dataset, torch.device]:
     """The model of a trial's latest checkpoint, with its data, for figures and analysis."""
     device = pick_device(cfg.train.device)

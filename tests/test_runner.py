@@ -1,0 +1,212 @@
+"""Studies on a real local Ray instance with a real MLflow SQLite store: end to end,
+divergence, Optuna search, ASHA, a killed driver resumed, a killed trial retried."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from vqstudy import runner
+from vqstudy.study import load_study
+from vqstudy.train import train
+
+from .conftest import tiny_study
+
+pytestmark = pytest.mark.usefixtures("ray_address")
+
+
+def mlflow_runs(out_dir, experiment: str):
+    """(parent runs, child runs) of a study folder's MLflow store."""
+    state = json.loads((out_dir / runner.STATE_FILE).read_text())
+    client = MlflowClient(state["tracking_uri"])
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_two_trials_end_to_end(tmp_path, capsys):
+    """A two-trial study: exit 0, a table, one parent run with two nested FINISHED children
+    carrying the flattened config as params, a metric per evaluation, tags and artifacts."""
+    path = tiny_study(tmp_path, tracking={"artifacts": True})
+    study = load_study(path)
+    out = tmp_path / "out"
+    assert runner.run(study, out) == 0
+    printed = capsys.readouterr().out
+    assert "2/2 trials finished" in printed and "TERMINATED" in printed
+
+    client, parents, children = mlflow_runs(out, "tiny")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        cfg = study.trial_config({"quantizer.name": child.data.params["quantizer.name"], "train.seed": 0})
+        assert child.data.params == {k: str(v) for k, v in cfg.to_flat().items()}
+        history = client.get_metric_history(child.info.run_id, "recon_mse")
+        assert [m.step for m in history] == [10, 20, 30]
+        assert child.data.tags["vqstudy.study"] == "tiny" and child.data.tags["vqstudy.trial_id"]
+        assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["code_usage.png"]
+    assert runner.status(out) == 0
+
+
+def test_existing_folder_is_refused(tmp_path):
+    """Running into a folder that already holds a study points to resume instead."""
+    from vqstudy.config import ConfigError
+
+    out = tmp_path / "out"
+    (out / runner.RAY_DIR).mkdir(parents=True)
+    with pytest.raises(ConfigError, match="vqstudy resume"):
+        runner.run(load_study(tiny_study(tmp_path)), out)
+
+
+def test_diverging_trial_fails_alone(tmp_path, capsys):
+    """A diverging trial ends FAILED in MLflow with its reason; the other finishes; exit code 1."""
+    path = tiny_study(tmp_path, sweep={"grid": {"train.lr": [1e-3, 1e6]}},
+                      base={"train": {"steps": 30, "eval_every": 1, "device": "cpu"}})
+    out = tmp_path / "out"
+    assert runner.run(load_study(path), out) == 1
+    assert "DIVERGED" in capsys.readouterr().out
+    _, _, children = mlflow_runs(out, "tiny")
+    status = {c.data.params["train.lr"]: c for c in children}
+    assert status["0.001"].info.status == "FINISHED"
+    assert status["1000000.0"].info.status == "FAILED"
+    assert status["1000000.0"].data.tags["vqstudy.failure"].startswith("diverged: loss became")
+
+
+def test_optuna_search_per_grid_point(tmp_path):
+    """Optuna (multi-objective NSGA-II) proposes num_samples configs per grid point, within bounds."""
+    path = tiny_study(tmp_path, sweep={
+        "grid": {"quantizer.name": ["vq"]},
+        "search": {"algorithm": "optuna", "sampler": "nsga2", "num_samples": 3,
+                   "train.lr": {"loguniform": [1e-4, 1e-2]}, "quantizer.beta": {"uniform": [0.1, 0.5]}},
+        "metric": ["recon_mse", "utilization"], "mode": ["min", "max"]})
+    out = tmp_path / "out"
+    assert runner.run(load_study(path), out) == 0
+    _, _, children = mlflow_runs(out, "tiny")
+    lrs = [float(c.data.params["train.lr"]) for c in children]
+    betas = [float(c.data.params["quantizer.beta"]) for c in children]
+    assert len(children) == 3 and len(set(lrs)) == 3
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and all(0.1 <= b <= 0.5 for b in betas)
+
+
+def test_asha_stops_weak_trials(tmp_path):
+    """ASHA (grace 1 evaluation, factor 2) stops trials whose lr is hopeless before their last step."""
+    path = tiny_study(tmp_path, sweep={"grid": {"train.lr": [3e-3, 1e-3, 1e-7, 1e-8]},
+                                       "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}},
+                      base={"train": {"steps": 40, "eval_every": 10, "device": "cpu"}},
+                      resources={"cpu": 1, "max_concurrent": 1})
+    out = tmp_path / "out"
+    runner.run(load_study(path), out)
+    rows = {r["train.lr"]: r for r in runner.trial_rows(out, load_study(path))}
+    assert rows[3e-3]["step"] == 40
+    assert rows[1e-7]["step"] < 40 and rows[1e-8]["step"] < 40
+
+
+def _driver(study_path, out, address):
+    return subprocess.Popen([sys.executable, "-m", "vqstudy.cli", "run", str(study_path), "--out", str(out),
+                             "--address", address], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _children_with(out, status: str) -> int:
+    if not (out / runner.STATE_FILE).exists():
+        return 0
+    try:
+        _, _, children = mlflow_runs(out, "resumable")
+    except Exception:  # the store is still being created
+        return 0
+    return sum(c.info.status == status for c in children)
+
+
+def test_killed_driver_then_resume(tmp_path, ray_address):
+    """The driver is SIGKILLed mid-study; `resume` finishes it with exactly one FINISHED child run per trial."""
+    path = tiny_study(tmp_path, name="resumable", sweep={"grid": {"quantizer.codebook_size": [8, 16, 32, 64]}},
+                      base={"train": {"steps": 300, "eval_every": 50, "device": "cpu"}})
+    out = tmp_path / "out"
+    driver = _driver(path, out, ray_address)
+    _wait_for(lambda: _children_with(out, "FINISHED") >= 1, 120, "a finished trial")
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert _children_with(out, "FINISHED") < 4
+
+    assert runner.resume(out, ray_address) == 0
+    _, parents, children = mlflow_runs(out, "resumable")
+    assert len(parents) == 1 and len(children) == 4
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.tags["vqstudy.trial_id"] for c in children}) == 4
+
+
+def _trial_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::ImplicitFunc"):
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def test_killed_trial_is_retried_from_checkpoint(tmp_path, ray_address):
+    """A trial's worker is SIGKILLed after a checkpoint; Tune retries it from that checkpoint
+    and it ends with the same metrics as an uninterrupted train() of the same config."""
+    path = tiny_study(tmp_path, name="retry", sweep={"grid": {"quantizer.name": ["ema"]}},
+                      base={"train": {"steps": 400, "eval_every": 50, "device": "cpu"},
+                            "quantizer": {"codebook_size": 16, "dead_code_threshold": 0.5}})
+    out = tmp_path / "out"
+    driver = _driver(path, out, ray_address)
+    checkpoints = lambda: list((out / runner.RAY_DIR).glob("trial_*/checkpoint_*"))  # noqa: E731
+    _wait_for(lambda: len(checkpoints()) > 0 and _trial_pids(), 120, "a checkpoint")
+    for pid in _trial_pids():
+        os.kill(pid, signal.SIGKILL)
+    assert driver.wait(timeout=240) == 0
+
+    study = load_study(path)
+    client, _, children = mlflow_runs(out, "retry")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    recorded = children[0].data.metrics
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the trial ran with resources.cpu = 1 thread
+    try:
+        expected = train(study.trial_config(study.points()[0]))
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("recon_mse", "utilization", "perplexity", "quant_error", "dead_codes"):
+        assert recorded[key] == expected[key], key
+    # It was a resume, not a rerun from scratch: Ray counted the crash, the run records the
+    # step it continued from, and no step up to it was logged twice (a rerun would relog them).
+    (row,) = runner.trial_rows(out, study)
+    assert row["failures"] == 1 and row["status"] == "TERMINATED"
+    restored = int(children[0].data.tags["vqstudy.restored_at_step"])
+    assert 50 <= restored < 400
+    steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "recon_mse")]
+    early = [s for s in steps if s <= restored]
+    assert early == list(range(50, restored + 1, 50)) and set(steps) == set(range(50, 401, 50))
+
+
+def test_cluster_without_gpus_refuses_a_gpu_study(tmp_path, capsys, ray_address):
+    """Joining a cluster that has no GPUs with a GPU study: exit 2 before any trial."""
+    from vqstudy.cli import main
+
+    path = tiny_study(tmp_path, resources={"cpu": 1, "gpu": 1})
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--address", ray_address]) == 2
+    assert "resources.gpu: 1 asked but the Ray cluster has 0 GPUs" in capsys.readouterr().err
