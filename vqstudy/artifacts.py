@@ -15,41 +15,42 @@ from .train import eval_pass, restore_model
 GRID_IMAGES = 8
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A bare matplotlib Figure (no pyplot state: cheaper, and safe in worker threads)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height), dpi=100)
 
 
 def usage_histogram(counts: torch.Tensor, path: Path, title: str) -> Path:
     """Codes sorted by use, on a log axis: the shape of the usage distribution at any K."""
-    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
     k = counts.numel()
     sorted_counts = counts.sort(descending=True).values.double().cpu().numpy()
     used = int((counts > 0).sum())
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.fill_between(range(k), sorted_counts, step="post", color="tab:blue", alpha=0.8)
+    fig = _figure(6, 3.2)
+    ax = fig.add_axes((0.12, 0.16, 0.84, 0.68))
+    ax.plot(range(k), sorted_counts, drawstyle="steps-post", color="tab:blue", lw=1.5)  # a line: no patch limits
+    ax.set_ylim(0, max(1.0, float(sorted_counts[0])) * 1.5)
     ax.set_yscale("symlog", linthresh=1)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # plain text: no mathtext layout
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.set_xlim(0, k)
     ax.set_xlabel("code rank (most used first)")
     ax.set_ylabel("assignments on the eval set")
     ax.set_title(f"{title}\n{used:,} of {k:,} codes used ({used / k:.1%})", fontsize=9)
-    fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
 @torch.no_grad()
 def reconstruction_grid(model, x: torch.Tensor, path: Path, title: str) -> Path:
     """Top row: eval images; bottom row: their reconstructions."""
-    plt = _pyplot()
     x_hat = model.decode(model.quantizer(model.encode(x)).z_q).clamp(0, 1)
     n = x.shape[0]
-    fig, axes = plt.subplots(2, n, figsize=(1.1 * n, 2.5), dpi=100, squeeze=False)
+    fig = _figure(1.1 * n, 2.6)
+    axes = fig.subplots(2, n, squeeze=False)
     for row, images in enumerate((x, x_hat)):
         for i in range(n):
             img = images[i].permute(1, 2, 0).cpu().numpy()
@@ -58,9 +59,7 @@ def reconstruction_grid(model, x: torch.Tensor, path: Path, title: str) -> Path:
     axes[0][0].set_title("input", fontsize=8, loc="left")
     axes[1][0].set_title("reconstruction", fontsize=8, loc="left")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

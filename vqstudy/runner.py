@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ WORK_DIR = "work"
 # -- the trainable (runs inside Ray workers) -------------------------------------------------
 def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     """One trial: base config + this trial's keys -> train(), reporting each evaluation to
-    MLflow (one batched write) and to Tune (with the checkpoint train() just wrote).
+    MLflow (one batched write, exactly once per step) and to Tune, with the checkpoint train()
+    just wrote at most every `sweep.checkpoint_interval_s` seconds and at the last step.
     A restarted trial (crash retry or `vqstudy resume`) continues from Tune's checkpoint and
     reopens its MLflow run. A diverged trial ends as FAILED in MLflow with its reason, and
     reports `diverged: 1` to Tune instead of raising, so Tune does not retry a deterministic failure."""
@@ -60,12 +62,21 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         run.client.set_tag(run.run_id, tracking.RESTORED_TAG, checkpoint_step(work))
     work.mkdir(parents=True, exist_ok=True)
 
+    reporting_s = 0.0           # time in MLflow writes and tune.report (with its checkpoint copy)
+    persisted_at = -math.inf    # when Tune last persisted a checkpoint (a copy costs ~10 ms)
+
     def report(metrics: dict) -> None:
-        run.log_metrics(metrics, step=metrics["step"])
-        tune.report({**metrics, "diverged": 0}, checkpoint=tune.Checkpoint.from_directory(work))
+        nonlocal reporting_s, persisted_at
+        t0 = time.perf_counter()
+        if metrics["step"] > run.logged_step:  # a restart may redo steps MLflow already holds
+            run.log_metrics(metrics, step=metrics["step"])
+        persist = t0 - persisted_at >= spec["checkpoint_interval_s"] or metrics["step"] == cfg.train.steps
+        tune.report({**metrics, "diverged": 0}, checkpoint=tune.Checkpoint.from_directory(work) if persist else None)
+        persisted_at = t0 if persist else persisted_at
+        reporting_s += time.perf_counter() - t0
 
     try:
-        train(cfg, report=report, checkpoint_dir=work)
+        final = train(cfg, report=report, checkpoint_dir=work)
     except Diverged as e:
         run.finish(ok=False, reason=f"diverged: {e}")
         last = e.metrics or {"step": e.step, "recon_mse": math.nan}
@@ -74,8 +85,11 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     except BaseException as e:
         run.finish(ok=False, reason=f"{type(e).__name__}: {e}")
         raise
+    t0 = time.perf_counter()
     if spec["artifacts"]:
         tracking.log_artifacts(spec["tracking_uri"], run.run_id, trial_figures(cfg, work, work / "figures"))
+    run.log_metrics({"reporting_time_s": reporting_s, "artifacts_time_s": time.perf_counter() - t0},
+                    step=final["step"])
     run.finish(ok=True)
 
 
@@ -274,6 +288,7 @@ def _trainable(study: Study, state: dict[str, Any]):
         "experiment_id": state["experiment_id"], "parent_run_id": state["parent_run_id"],
         "tags": tracking.base_tags(study.name, Path(state["study_path"]) if state.get("study_path") else None),
         "artifacts": study.artifacts, "cpu": study.resources.cpu,
+        "checkpoint_interval_s": study.checkpoint_interval_s,
     }
     resources = {"cpu": study.resources.cpu, "gpu": study.resources.gpu}
     return tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources)
@@ -297,6 +312,7 @@ def study_to_raw(study: Study) -> dict[str, Any]:
     """The resolved study as a study file (what DIR/study.yaml holds)."""
     sweep: dict[str, Any] = {"grid": study.grid, "repeats": study.repeats, "metric": study.metric,
                              "mode": study.mode, "max_failures": study.max_failures,
+                             "checkpoint_interval_s": study.checkpoint_interval_s,
                              "scheduler": vars(study.scheduler)}
     if study.search:
         sweep["search"] = {"algorithm": study.search.algorithm, "num_samples": study.search.num_samples,

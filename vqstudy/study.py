@@ -22,7 +22,8 @@ from typing import Any
 from .config import ConfigError, TrialConfig, coerce, flatten, load_yaml, split_key
 
 STUDY_KEYS = ("name", "description", "base", "sweep", "resources", "tracking")
-SWEEP_KEYS = ("include", "grid", "repeats", "search", "scheduler", "metric", "mode", "max_failures")
+SWEEP_KEYS = ("include", "grid", "repeats", "search", "scheduler", "metric", "mode", "max_failures",
+              "checkpoint_interval_s")
 SEARCH_SETTINGS = ("algorithm", "num_samples", "sampler")
 ALGORITHMS = ("random", "optuna")
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -81,6 +82,7 @@ class Study:
     metric: list[str] = field(default_factory=lambda: ["recon_mse"])
     mode: list[str] = field(default_factory=lambda: ["min"])
     max_failures: int = 2
+    checkpoint_interval_s: float = 10.0        # Tune persists a trial's checkpoint at most this often
     resources: Resources = field(default_factory=Resources)
     experiment: str = ""
     artifacts: bool = True
@@ -323,6 +325,8 @@ def parse_study(raw: Any, path: Path | None = None, overrides: dict[str, Any] | 
         scheduler=_parse_scheduler(sweep.get("scheduler"), src),
         metric=metric, mode=mode,
         max_failures=_number(sweep.get("max_failures", 2), f"{src}: sweep.max_failures", integer=True, minimum=0),
+        checkpoint_interval_s=_number(sweep.get("checkpoint_interval_s", 10.0), f"{src}: sweep.checkpoint_interval_s",
+                                      minimum=0),
         resources=_parse_resources(raw.get("resources"), src),
         experiment=str(tracking.get("experiment") or name),
         artifacts=bool(tracking.get("artifacts", True)),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +100,30 @@ def log_artifacts(uri: str, run_id: str, paths: list[Path]) -> None:
         client.log_artifact(run_id, str(p))
 
 
+_WRITER = None
+
+
+def _writer():
+    """The process's metric-writer thread (kept across trials: Ray reuses worker processes)."""
+    global _WRITER
+    if _WRITER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqstudy-mlflow")
+    return _WRITER
+
+
 @dataclass
 class TrialRun:
     """A trial's child run. `open()` finds the run of an earlier attempt of the same trial
-    (retry after a crash, or `vqstudy resume`) and reopens it instead of making another."""
+    (retry after a crash, or `vqstudy resume`) and reopens it instead of making another.
+    Metric writes go to one background writer thread per process, so that training does
+    not wait on the store; `finish()` waits for them before closing the run. (MLflow's own
+    async logging is not used: closing a run joins its queue thread, up to 1 s per trial.)"""
     client: Any
     run_id: str
+    logged_step: int = 0        # highest step already in the run (reopened runs skip up to it)
+    pending: list = field(default_factory=list)
 
     @classmethod
     def open(cls, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, run_name: str,
@@ -116,7 +134,8 @@ class TrialRun:
         if found:
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
-            return cls(client, run_id)
+            history = client.get_metric_history(run_id, "step")
+            return cls(client, run_id, logged_step=max((int(m.value) for m in history), default=0))
         all_tags = {**tags, TRIAL_TAG: trial_id, PARENT_TAG: parent_run_id}
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         log_params(client, run.info.run_id, params)
@@ -128,9 +147,15 @@ class TrialRun:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self.pending.append(_writer().submit(self.client.log_batch, self.run_id, metrics=batch))
+
+    def flush(self) -> None:
+        """Wait for the queued writes; the first failed one raises here."""
+        while self.pending:
+            self.pending.pop(0).result()
 
     def finish(self, ok: bool, reason: str | None = None) -> None:
+        self.flush()
         if reason:
             self.client.set_tag(self.run_id, FAILURE_TAG, reason[:5000])
         self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
