@@ -84,11 +84,12 @@ def ray_address():
     import logging
     import os
 
+    os.environ["RAY_AUTH_MODE"] = "disabled"            # a throwaway local test instance only
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only, as runner.connect does
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"            # a throwaway local test instance only
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False,
                    logging_level=logging.WARNING, log_to_driver=False)
     yield ctx.address_info["address"]
     ray.shutdown()

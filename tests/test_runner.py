@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,3 +213,38 @@ def test_cluster_without_gpus_refuses_a_gpu_study(tmp_path, capsys, ray_address)
     path = tiny_study(tmp_path, resources={"cpu": 1, "gpu": 1})
     assert main(["run", str(path), "--out", str(tmp_path / "out"), "--address", ray_address]) == 2
     assert "resources.gpu: 1 asked but the Ray cluster has 0 GPUs" in capsys.readouterr().err
+
+
+def _listening_ray_sockets() -> list[str]:
+    """Local addresses of listening TCP sockets owned by Ray processes (from `ss -ltnp`)."""
+    lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    names = ("raylet", "gcs_server", "ray::", "dashboard", "RuntimeEnv")
+    return [line.split()[3] for line in lines if any(n in line for n in names)]
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to list sockets")
+def test_local_instance_listens_on_loopback_only(tmp_path):
+    """`vqstudy run` without an address starts its own Ray instance: nothing it opens listens
+    beyond loopback."""
+    path = tiny_study(tmp_path, name="loopback", base={"train": {"steps": 3000, "eval_every": 500, "device": "cpu"}})
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    driver = subprocess.Popen([sys.executable, "-m", "vqstudy.cli", "run", str(path), "--out", str(tmp_path / "out")],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: _children_with_any(tmp_path / "out", "loopback"), 120, "a running trial")
+        sockets = _listening_ray_sockets()
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert sockets
+    loopback = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:", "localhost:")
+    assert all(s.startswith(loopback) for s in sockets), sockets
+
+
+def _children_with_any(out, experiment: str) -> bool:
+    if not (out / runner.STATE_FILE).exists():
+        return False
+    try:
+        return bool(mlflow_runs(out, experiment)[2])
+    except Exception:  # the store is still being created
+        return False

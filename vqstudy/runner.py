@@ -227,15 +227,22 @@ def _quiet_driver() -> None:
 
 def connect(address: str | None) -> None:
     """Join `address` (or RAY_ADDRESS), else start a local instance sized to this machine,
-    bound to loopback, without a dashboard. Reuses an instance this process already has."""
+    listening on loopback only, without a dashboard. Reuses an instance this process has.
+
+    Ray 2.60's ray.init turns a node IP of 127.0.0.1 into the machine's public address and
+    its servers then listen on every interface. With cluster mode off (Ray's default on
+    macOS and Windows laptops, switched by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when
+    Ray is imported) the node is 127.0.0.1 and every server binds loopback."""
     import logging
 
     _quiet_driver()
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     quiet = dict(logging_level=logging.WARNING, log_to_driver=False)
     if address:
         try:
@@ -243,8 +250,7 @@ def connect(address: str | None) -> None:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(f"--address: cannot join the Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", **quiet)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
 
 
 def check_cluster_fits(study: Study) -> None:
