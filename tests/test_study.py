@@ -110,12 +110,18 @@ def test_dry_run_prints_table_count_and_steps(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_dry_run_does_not_import_ray(tmp_path):
-    """Validation and dry-run never import Ray (they must answer before a cluster starts)."""
-    path = write(tmp_path, BASE + "sweep:\n  grid: {quantizer.codebook_size: [16]}\n")
-    code = ("import sys; from vqstudy.cli import main; rc = main(['run', %r, '--dry-run']);"
-            "assert rc == 0 and 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))[:3]")
-    subprocess.run([sys.executable, "-c", code % str(path)], check=True, capture_output=True)
+@pytest.mark.parametrize("text, code", [
+    (BASE + "sweep:\n  grid: {quantizer.codebook_size: [16]}\n", 0),
+    (BASE + "sweep:\n  grid: {quantizer.name: [vqq]}\n", 2),
+], ids=["dry-run", "bad input"])
+def test_validation_imports_neither_ray_nor_torch(tmp_path, text, code):
+    """Dry-run and bad-input errors answer without importing Ray or torch (torch alone takes
+    ~2 s to import on a small machine; these must answer before a cluster starts)."""
+    path = write(tmp_path, text)
+    script = ("import sys; from vqstudy.cli import main; rc = main(['run', %r, '--dry-run']);"
+              "heavy = [m for m in ('ray', 'torch') if m in sys.modules];"
+              "assert rc == %d and not heavy, (rc, heavy)")
+    subprocess.run([sys.executable, "-c", script % (str(path), code)], check=True, capture_output=True)
 
 
 BAD = [

@@ -244,16 +244,15 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
 
 def validate(cfg: TrialConfig, source: str = "config") -> None:
     """Rules that span fields or need a registry: names known, combinations possible."""
-    from .data import DATASETS
-    from .quantizers import QUANTIZERS, supports_kmeans
+    from .registry import DATASETS, QUANTIZERS
 
     q = cfg.quantizer
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"{source}: data.name: {cfg.data.name!r} is not one of {', '.join(DATASETS)}")
     if q.name not in QUANTIZERS:
         raise ConfigError(f"{source}: quantizer.name: {q.name!r} is not one of {', '.join(QUANTIZERS)}")
-    if q.init == "kmeans" and not supports_kmeans(q.name):
-        allowed = ", ".join(n for n in QUANTIZERS if supports_kmeans(n))
+    if q.init == "kmeans" and not _supports_kmeans(q.name):
+        allowed = ", ".join(n for n in QUANTIZERS if _supports_kmeans(n))
         raise ConfigError(f"{source}: quantizer.init: kmeans needs a learnable codebook ({allowed}), not {q.name}")
     if q.warmup_steps >= cfg.train.steps:
         raise ConfigError(f"{source}: quantizer.warmup_steps: {q.warmup_steps} leaves no quantized steps "
@@ -261,6 +260,12 @@ def validate(cfg: TrialConfig, source: str = "config") -> None:
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"{source}: train.device: {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+def _supports_kmeans(name: str) -> bool:
+    from .quantizers import supports_kmeans  # imports the method (and torch): only for kmeans configs
+
+    return supports_kmeans(name)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Datasets, by name: two synthetic ones generated from `data.seed`, sklearn's bundled
+"""Datasets (named in vqstudy/registry.py): two synthetic ones generated from `data.seed`, sklearn's bundled
 digits, and torchvision's MNIST, FashionMNIST, CIFAR-10 and ImageFolder.
 
 Everything is loaded once into memory as tensors (images as uint8, to keep CIFAR-10 at
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .config import ConfigError, DataConfig
+from .registry import DATASETS
 
 SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 8192, 2048
 
@@ -155,15 +156,9 @@ def imagefolder(cfg: DataConfig) -> Dataset:
     return Dataset(*_split(x, cfg, eval_fraction=0.1), "image")
 
 
-DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
-    "gaussian_mixture": gaussian_mixture,
-    "shapes": shapes,
-    "digits": digits,
-    "mnist": _torchvision_dataset("MNIST"),
-    "fashion_mnist": _torchvision_dataset("FashionMNIST"),
-    "cifar10": _torchvision_dataset("CIFAR10"),
-    "imagefolder": imagefolder,
-}
+mnist = _torchvision_dataset("MNIST")
+fashion_mnist = _torchvision_dataset("FashionMNIST")
+cifar10 = _torchvision_dataset("CIFAR10")
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

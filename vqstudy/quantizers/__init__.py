@@ -1,4 +1,4 @@
-"""The quantizer registry: one dict, one factory, one contract (`QuantOut`).
+"""The quantizer factory over the registry (vqstudy/registry.py): one contract (`QuantOut`).
 
 Every entry is a module built as `cls(dim, codebook_size, **options)` whose
 `forward(z)` takes channel-last z (..., D) and returns `QuantOut(z_q, indices, losses)`,
@@ -13,16 +13,8 @@ from typing import Any
 from torch import nn
 
 from ..config import ConfigError
+from ..registry import QUANTIZERS
 from ._common import QuantOut, nearest_code
-from .ema import EMAVQ
-from .simvq import SimVQ
-from .vq import VQ
-
-QUANTIZERS: dict[str, type[nn.Module]] = {
-    "vq": VQ,
-    "ema": EMAVQ,
-    "simvq": SimVQ,
-}
 
 __all__ = ["QUANTIZERS", "QuantOut", "build_quantizer", "options_of", "nearest_code", "supports_kmeans"]
 
