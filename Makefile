@@ -14,14 +14,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The quickstart study: vq vs simvq x 4 codebook sizes on a local Ray instance, tracked in
+# runs/demo/mlflow.db (runs/demo is the demo's own folder and is replaced on each run).
 demo: $(STAMP)
-	$(BIN)/vqstudy train --config configs/demo.yaml
+	rm -rf runs/demo
+	$(BIN)/vqstudy run studies/quickstart.yaml --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/quantizer_bench.py
+	$(BIN)/python benchmarks/orchestration_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

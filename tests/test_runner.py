@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -110,6 +111,11 @@ def test_asha_stops_weak_trials(tmp_path):
     rows = {r["train.lr"]: r for r in runner.trial_rows(out, load_study(path))}
     assert rows[3e-3]["step"] == 40
     assert rows[1e-7]["step"] < 40 and rows[1e-8]["step"] < 40
+    # stopped trials are closed in MLflow too, marked with the step where they stopped
+    _, _, children = mlflow_runs(out, "tiny")
+    assert all(c.info.status == "FINISHED" for c in children)
+    stopped = {float(c.data.params["train.lr"]): c.data.tags.get("vqstudy.stopped_early_at_step") for c in children}
+    assert stopped[3e-3] is None and stopped[1e-7] == str(rows[1e-7]["step"])
 
 
 def _driver(study_path, out, address):
@@ -248,3 +254,24 @@ def _children_with_any(out, experiment: str) -> bool:
         return bool(mlflow_runs(out, experiment)[2])
     except Exception:  # the store is still being created
         return False
+
+
+def test_run_with_analyze_logs_report_to_parent(tmp_path, capsys):
+    """`vqstudy run --analyze`: results.parquet, fit table, PNG/SVG figures and report.md/html
+    are written and appear on the MLflow parent run."""
+    from vqstudy.cli import main
+
+    path = tiny_study(tmp_path, name="curves", sweep={"grid": {"quantizer.name": ["vq", "simvq"],
+                                                               "quantizer.codebook_size": [4, 16, 64]}})
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--analyze"]) == 0
+    analysis = out / "analysis"
+    for name in ("fits.csv", "report.md", "report.html", "utilization_vs_K.png", "utilization_vs_K.svg",
+                 "recon_mse_vs_K.png", "recon_mse_vs_K.svg"):
+        assert (analysis / name).stat().st_size > 0, name
+    assert pq.read_table(out / "results.parquet").num_rows == 6
+    assert len((analysis / "fits.csv").read_text().splitlines()) == 1 + 4   # 2 quantizers x 2 metrics
+    client, parents, _ = mlflow_runs(out, "curves")
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "analysis")}
+    assert {"analysis/report.html", "analysis/fits.csv", "analysis/results.parquet",
+            "analysis/utilization_vs_K.png"} <= logged

@@ -5,6 +5,8 @@
     vqstudy run STUDY.yaml [--out DIR] [--address ADDR] [--tracking-uri URI] [--dry-run] [--set key=value]...
     vqstudy resume DIR [--address ADDR]
     vqstudy status DIR
+    vqstudy export DIR | --experiment NAME [--tracking-uri URI] [-o FILE]
+    vqstudy analyze DIR
 
 Bad input (unknown key, wrong type, missing file, YAML error) gets one line on stderr
 naming the problem and exit code 2, never a traceback.
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local instance)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else DIR/mlflow.db)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the trials without running them")
+    p.add_argument("--analyze", action="store_true", help="export, fit, plot and report when the study ends")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the study's base config (repeatable)")
     p.set_defaults(func=cmd_run)
@@ -62,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="print a study's trial table from its stored state")
     p.add_argument("dir", help="study folder")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="write a study's trials as one Parquet table")
+    p.add_argument("dir", nargs="?", help="study folder (default output DIR/results.parquet)")
+    p.add_argument("--experiment", help="export this MLflow experiment instead of a study folder")
+    p.add_argument("--tracking-uri", help="with --experiment: the MLflow store (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("-o", "--output", help="Parquet file to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("analyze", help="export, fit scaling laws, plot and write the report of a study")
+    p.add_argument("dir", help="study folder")
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 
@@ -125,7 +139,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     from .runner import run
 
-    return run(study, Path(args.out or f"runs/{study.name}"), args.address, args.tracking_uri)
+    out = Path(args.out or f"runs/{study.name}")
+    code = run(study, out, args.address, args.tracking_uri)
+    if args.analyze:
+        code = max(code, cmd_analyze(argparse.Namespace(dir=str(out))))
+    return code
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -142,6 +160,44 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .runner import status
 
     return status(Path(args.dir))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from .analysis import export_study
+    from .analysis.export import export_runs
+
+    if bool(args.dir) == bool(args.experiment):
+        raise ConfigError("export: give a study folder or --experiment NAME (one of them)")
+    if args.dir:
+        table = export_study(Path(args.dir), Path(args.output) if args.output else None)
+        where = args.output or Path(args.dir) / "results.parquet"
+    else:
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri or not args.output:
+            raise ConfigError("export --experiment: needs --tracking-uri (or MLFLOW_TRACKING_URI) and -o FILE")
+        from mlflow.tracking import MlflowClient
+
+        exp = MlflowClient(uri).get_experiment_by_name(args.experiment)
+        if exp is None:
+            raise ConfigError(f"--experiment: no experiment {args.experiment!r} in {uri}")
+        table = export_runs(uri, exp.experiment_id, None, Path(args.output))
+        where = args.output
+    print(f"{table.num_rows} trials, {table.num_columns} columns -> {where}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .analysis import analyze
+
+    written = analyze(Path(args.dir))
+    for path in written:
+        print(path)
+    return 0
 
 
 def _first_line(doc: str | None) -> str:

@@ -186,6 +186,11 @@ def _base_type(annotation) -> tuple[type, bool]:
     return tp, False
 
 
+def key_type(key: str) -> type:
+    """The Python type of a dotted key's values (int, float, bool or str)."""
+    return _base_type(field_of(key).type)[0]
+
+
 def _cast(value: Any, tp: type) -> Any:
     """Convert `value` to `tp`, accepting the spellings YAML and a shell produce. Raises ValueError."""
     if tp is bool:

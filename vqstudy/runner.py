@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from . import tracking
-from .config import ConfigError
+from .config import ConfigError, all_keys
 from .study import Study, format_table, parse_study
 
 RAY_DIR = "ray"
@@ -346,11 +346,22 @@ def _prepare(study: Study, out_dir: Path, tracking_uri: str | None) -> dict[str,
     return state
 
 
+def _outcomes(study: Study, rows: list[dict[str, Any]]) -> dict[str, tuple[bool, int | None]]:
+    """trial id -> (finished, step where the scheduler stopped it early, or None)."""
+    out = {}
+    for r in rows:
+        planned = study.trial_config({k: v for k, v in r.items() if k in all_keys()}).train.steps
+        finished = r["status"] == "TERMINATED"
+        out[r["trial_id"]] = (finished, r["step"] if finished and r.get("step", planned) < planned else None)
+    return out
+
+
 def _fit(tuner, study: Study, out_dir: Path, state: dict[str, Any]) -> int:
     ok = False
     try:
         tuner.fit()
         rows = trial_rows(out_dir, study)
+        tracking.reconcile_children(state["tracking_uri"], state["experiment_id"], _outcomes(study, rows))
         print(format_table(rows, table_columns(study, rows)))
         ok = len(rows) == study.num_trials and all(r["status"] == "TERMINATED" for r in rows)
         done = sum(r["status"] == "TERMINATED" for r in rows)

@@ -21,6 +21,7 @@ TRIAL_TAG = "vqstudy.trial_id"
 STUDY_TAG = "vqstudy.study"
 FAILURE_TAG = "vqstudy.failure"
 RESTORED_TAG = "vqstudy.restored_at_step"   # set when a trial continued from a checkpoint
+STOPPED_TAG = "vqstudy.stopped_early_at_step"  # set when the scheduler (ASHA) stopped a trial
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -86,6 +87,21 @@ def finish_run(uri: str, run_id: str, ok: bool, reason: str | None = None) -> No
     client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
 
+def reconcile_children(uri: str, experiment_id: str, outcomes: dict[str, tuple[bool, int | None]]) -> None:
+    """Close child runs that their trial left RUNNING, from the driver's view of each trial:
+    trial id -> (finished without error, step where a scheduler stopped it early or None).
+    A scheduler stopping a trial, or a worker dying, never lets the trial close its own run."""
+    client = _client(uri)
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'"):
+        trial_id = run.data.tags.get(TRIAL_TAG)
+        if trial_id not in outcomes:
+            continue
+        ok, stopped_at = outcomes[trial_id]
+        if stopped_at is not None:
+            client.set_tag(run.info.run_id, STOPPED_TAG, stopped_at)
+        client.set_terminated(run.info.run_id, status="FINISHED" if ok else "FAILED")
+
+
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
@@ -94,10 +110,10 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[i:i + 100])
 
 
-def log_artifacts(uri: str, run_id: str, paths: list[Path]) -> None:
+def log_artifacts(uri: str, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
     client = _client(uri)
     for p in paths:
-        client.log_artifact(run_id, str(p))
+        client.log_artifact(run_id, str(p), artifact_path)
 
 
 _WRITER = None

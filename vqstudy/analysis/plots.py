@@ -1,0 +1,147 @@
+"""The study's figures (PNG and SVG): metric vs codebook size with fitted curves and 95%
+bands per quantizer, panels per latent dimension; effective_dim vs encoder capacity; the
+Pareto front of recon_mse vs utilization. Seeds are shown as faint dots, their mean as
+the marker, so the spread the fit has to explain stays visible.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .fits import Fit
+
+COLORS = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:gray"]
+LABELS = {
+    "quantizer.codebook_size": "codebook size K",
+    "model.encoder_width": "encoder width (channels / hidden units)",
+    "model.latent_dim": "latent dimension D",
+    "recon_mse": "reconstruction MSE (per element)",
+    "utilization": "codebook utilization (fraction of codes used)",
+    "effective_dim": "effective dim of encoder outputs (PCs for 99% var.)",
+    "psnr": "PSNR (dB)",
+}
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    for p in paths:
+        fig.savefig(p)
+    return paths
+
+
+def color_of(names: list[str]) -> dict[str, str]:
+    return {n: COLORS[i % len(COLORS)] for i, n in enumerate(sorted(names))}
+
+
+def _log2_axis(ax, xs) -> None:
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(xs))
+    ax.set_xticks(ticks, [f"$2^{{{int(round(np.log2(t)))}}}$" if t > 0 and np.log2(t).is_integer() else f"{t:g}"
+                          for t in ticks])
+    ax.minorticks_off()
+
+
+def _seed_points(ax, df: pd.DataFrame, x_key: str, y_key: str, color: str, label: str) -> None:
+    ax.scatter(df[x_key], df[y_key], s=10, color=color, alpha=0.35, linewidths=0)
+    stats = df.groupby(x_key)[y_key].agg(["mean", "std"]).reset_index()
+    ax.errorbar(stats[x_key], stats["mean"], yerr=stats["std"].fillna(0), fmt="o", ms=4, color=color,
+                capsize=2, label=label)
+
+
+def scaling_plot(df: pd.DataFrame, y_key: str, fits: list[Fit], stem: Path, *, x_key: str = "quantizer.codebook_size",
+                 panel_key: str | None = None, title: str = "") -> list[Path]:
+    """y vs K, one colour per quantizer, one panel per value of `panel_key`, fits with bands."""
+    panels = sorted(df[panel_key].unique()) if panel_key else [None]
+    colors = color_of(list(df["quantizer.name"].unique()))
+    fig = _figure(4.2 * len(panels) + 0.6, 3.6)
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, panel in zip(axes, panels):
+        sub = df if panel is None else df[df[panel_key] == panel]
+        for q, rows in sub.groupby("quantizer.name"):
+            _seed_points(ax, rows, x_key, y_key, colors[q], q)
+            for f in fits:
+                if f.group.get("quantizer.name") == q and (panel is None or f.group.get(panel_key) == panel):
+                    grid = np.geomspace(*f.x_range, 100)
+                    lo, hi = f.band(grid)
+                    ax.plot(grid, f.predict(grid), color=colors[q], lw=1.5)
+                    ax.fill_between(grid, lo, hi, color=colors[q], alpha=0.15, lw=0)
+        _log2_axis(ax, sub[x_key])
+        ax.set_xlabel(LABELS.get(x_key, x_key))
+        if panel is not None:
+            ax.set_title(f"{LABELS.get(panel_key, panel_key).split(' (')[0]} = {panel}", fontsize=9)
+        if y_key == "utilization":
+            ax.set_ylim(-0.03, 1.05)
+        elif (sub[y_key] > 0).all():
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel(LABELS.get(y_key, y_key))
+    axes[0].legend(fontsize=8, title="quantizer (fit, 95% band)", title_fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, stem)
+
+
+def capacity_plot(df: pd.DataFrame, stem: Path, *, x_key: str = "model.encoder_width",
+                  y_key: str = "effective_dim", title: str = "") -> list[Path]:
+    """effective_dim vs encoder capacity, one colour per quantizer, line style per encoder depth."""
+    colors = color_of(list(df["quantizer.name"].unique()))
+    depths = sorted(df["model.encoder_depth"].unique())
+    styles = ["-", "--", ":", "-."]
+    fig = _figure(5.2, 3.6)
+    ax = fig.subplots()
+    for (q, depth), rows in df.groupby(["quantizer.name", "model.encoder_depth"]):
+        stats = rows.groupby(x_key)[y_key].agg(["mean", "std"]).reset_index()
+        ax.errorbar(stats[x_key], stats["mean"], yerr=stats["std"].fillna(0), color=colors[q],
+                    ls=styles[depths.index(depth) % len(styles)], marker="o", ms=4, capsize=2,
+                    label=f"{q}, depth {depth}")
+    _log2_axis(ax, df[x_key])
+    ax.set_xlabel(LABELS.get(x_key, x_key))
+    ax.set_ylabel(LABELS.get(y_key, y_key))
+    latent = df["model.latent_dim"].max()
+    ax.axhline(latent, color="gray", lw=0.8, ls=":")
+    ax.text(ax.get_xlim()[0], latent, f" D = {latent}", va="bottom", fontsize=8, color="gray")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, stem)
+
+
+def pareto_front(points: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated rows of (recon_mse to minimize, utilization to maximize)."""
+    keep = []
+    for i, (r, u) in enumerate(points):
+        dominated = np.any((points[:, 0] <= r) & (points[:, 1] >= u) & ((points[:, 0] < r) | (points[:, 1] > u)))
+        if not dominated:
+            keep.append(i)
+    return np.array(sorted(keep, key=lambda i: points[i, 0]), dtype=int)
+
+
+def pareto_plot(df: pd.DataFrame, stem: Path, title: str = "") -> list[Path]:
+    """Every trial in (recon_mse, utilization); the non-dominated front per quantizer joined."""
+    colors = color_of(list(df["quantizer.name"].unique()))
+    fig = _figure(5.2, 3.8)
+    ax = fig.subplots()
+    for q, rows in df.groupby("quantizer.name"):
+        pts = rows[["recon_mse", "utilization"]].to_numpy(dtype=float)
+        ax.scatter(pts[:, 0], pts[:, 1], s=14, color=colors[q], alpha=0.5, linewidths=0)
+        front = pts[pareto_front(pts)]
+        ax.plot(front[:, 0], front[:, 1], color=colors[q], marker="o", ms=4, lw=1.5, label=f"{q} (Pareto front)")
+    ax.set_xscale("log")
+    ax.set_xlabel(LABELS["recon_mse"] + " (lower is better)")
+    ax.set_ylabel("utilization (higher is better)")
+    ax.set_ylim(-0.03, 1.05)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, stem)
