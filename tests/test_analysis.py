@@ -72,6 +72,18 @@ def test_confidence_intervals_cover_the_truth():
     assert all(c >= 90 for c in covered.values()), covered
 
 
+def test_a_step_is_not_read_as_a_power_law():
+    """Flat after a drop at the smallest K: the exponent runs to its bound, and the reading says
+    there is no power law instead of quoting the exponent."""
+    x = np.repeat(KS[:6], 2)
+    y = np.where(x < 32, 0.9, 0.85) + 0.001 * np.random.default_rng(5).standard_normal(x.size)
+    f = fit(x, y, "power", n_boot=20)
+    f.group, f.y_key = {"quantizer.name": "vq"}, "recon_mse"
+    assert f.at_bound == ["alpha"] and "does not follow a power law" in reading(f)
+    x, y = power_data(np.random.default_rng(0))
+    assert fit(x, y, "power", n_boot=5).at_bound == []
+
+
 def test_too_few_sizes_is_refused():
     """A law from two codebook sizes is not a law: ValueError."""
     with pytest.raises(ValueError, match="3 distinct"):

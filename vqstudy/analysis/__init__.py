@@ -89,8 +89,13 @@ def make_figures(df: pd.DataFrame, fits: list[Fit], study: Study, out: Path) -> 
                                       out / f"{metric}_vs_K{suffix}", panel_key=panel,
                                       title=f"{study.name}: {metric} vs K{' (' + note + ')' if note else ''}")
     if "model.encoder_width" in swept_keys(df):
-        paths += capacity_plot(df, out / "effective_dim_vs_encoder_width",
+        others = [k for k in keys[1:] if k not in ("model.encoder_width", "model.encoder_depth")]
+        panel = next(iter(others), None)
+        paths += capacity_plot(df, out / "effective_dim_vs_encoder_width", panel_key=panel,
                                title=f"{study.name}: embedding collapse vs encoder capacity")
+        if df[K].nunique() < 2:  # with K swept, utilization is already plotted against K
+            paths += capacity_plot(df, out / "utilization_vs_encoder_width", y_key="utilization", panel_key=panel,
+                                   title=f"{study.name}: codes in use vs encoder capacity")
     if study.multi_objective or {"recon_mse", "utilization"} <= set(study.metric):
         paths += pareto_plot(df, out / "pareto_recon_vs_utilization", title=f"{study.name}: trade-off")
     return paths

@@ -35,6 +35,7 @@ class Fit:
     onset: float | None = None                  # saturating: x where y crosses the threshold
     onset_ci: tuple[float, float] | None = None
     threshold: float | None = None
+    at_bound: list[str] = field(default_factory=list)  # shape parameters the optimizer pushed to a limit
     group: dict[str, Any] = field(default_factory=dict)
     x_key: str = ""
     y_key: str = ""
@@ -97,6 +98,17 @@ def _starts_and_bounds(form: str, x: np.ndarray, y: np.ndarray):
     return starts, (lower, upper)
 
 
+# The shape parameters whose limits mean "this form does not describe the data": an
+# exponent alpha or a steepness beta at its bound is a step, not a scaling law.
+_SHAPE = {"power": {2: "alpha"}, "saturating": {1: "beta"}}
+
+
+def _at_bound(form: str, theta, bounds) -> list[str]:
+    lower, upper = bounds
+    return [name for i, name in _SHAPE[form].items()
+            if np.isclose(theta[i], lower[i], rtol=1e-4, atol=1e-6) or np.isclose(theta[i], upper[i], rtol=1e-4)]
+
+
 def _solve(form: str, x, y, starts, bounds, f_scale: float) -> np.ndarray:
     model = _MODELS[form]
     best, best_cost = None, np.inf
@@ -142,6 +154,7 @@ def fit(x, y, form: str, *, n_boot: int = 200, seed: int = 0, threshold: float =
     names = list(_public(form, theta))
     ci = {n: (float(np.percentile(pub[:, i], 2.5)), float(np.percentile(pub[:, i], 97.5))) for i, n in enumerate(names)}
     result = Fit(form, _public(form, theta), ci, r2, len(x), (float(x.min()), float(x.max())), samples)
+    result.at_bound = _at_bound(form, theta, bounds)
     if form == "saturating":
         crossing = lambda t: float(np.exp(t[0]) * (1 / threshold - 1) ** (1 / t[1]))  # noqa: E731
         result.threshold = threshold

@@ -91,28 +91,38 @@ def scaling_plot(df: pd.DataFrame, y_key: str, fits: list[Fit], stem: Path, *, x
 
 
 def capacity_plot(df: pd.DataFrame, stem: Path, *, x_key: str = "model.encoder_width",
-                  y_key: str = "effective_dim", title: str = "") -> list[Path]:
-    """effective_dim vs encoder capacity, one colour per quantizer, line style per encoder depth."""
+                  y_key: str = "effective_dim", panel_key: str | None = None, title: str = "") -> list[Path]:
+    """A metric (effective_dim, utilization) vs encoder capacity: colour per quantizer, line
+    style per encoder depth, one panel per value of `panel_key` (e.g. quantizer.warmup_steps:
+    early vs deferred quantization)."""
     colors = color_of(list(df["quantizer.name"].unique()))
     depths = sorted(df["model.encoder_depth"].unique())
     styles = ["-", "--", ":", "-."]
-    fig = _figure(5.2, 3.6)
-    ax = fig.subplots()
-    for (q, depth), rows in df.groupby(["quantizer.name", "model.encoder_depth"]):
-        stats = rows.groupby(x_key)[y_key].agg(["mean", "std"]).reset_index()
-        ax.errorbar(stats[x_key], stats["mean"], yerr=stats["std"].fillna(0), color=colors[q],
-                    ls=styles[depths.index(depth) % len(styles)], marker="o", ms=4, capsize=2,
-                    label=f"{q}, depth {depth}")
-    _log2_axis(ax, df[x_key])
-    ax.set_xlabel(LABELS.get(x_key, x_key))
-    ax.set_ylabel(LABELS.get(y_key, y_key))
-    latent = df["model.latent_dim"].max()
-    ax.axhline(latent, color="gray", lw=0.8, ls=":")
-    ax.text(ax.get_xlim()[0], latent, f" D = {latent}", va="bottom", fontsize=8, color="gray")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = sorted(df[panel_key].unique()) if panel_key else [None]
+    fig = _figure(4.2 * len(panels) + 1.0, 3.6)
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, panel in zip(axes, panels):
+        sub = df if panel is None else df[df[panel_key] == panel]
+        for (q, depth), rows in sub.groupby(["quantizer.name", "model.encoder_depth"]):
+            stats = rows.groupby(x_key)[y_key].agg(["mean", "std"]).reset_index()
+            ax.errorbar(stats[x_key], stats["mean"], yerr=stats["std"].fillna(0), color=colors[q],
+                        ls=styles[depths.index(depth) % len(styles)], marker="o", ms=4, capsize=2,
+                        label=f"{q}, depth {depth}")
+        _log2_axis(ax, sub[x_key])
+        ax.set_xlabel(LABELS.get(x_key, x_key))
+        if y_key == "effective_dim":  # the most dimensions the encoder outputs can span
+            latent = sub["model.latent_dim"].max()
+            ax.axhline(latent, color="gray", lw=0.8, ls=":")
+            ax.text(ax.get_xlim()[0], latent, f" D = {latent}", va="bottom", fontsize=8, color="gray")
+        elif y_key == "utilization":
+            ax.set_ylim(-0.03, 1.05)
+        if panel is not None:
+            ax.set_title(f"{panel_key.split('.')[-1]} = {panel}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(LABELS.get(y_key, y_key))
+    axes[0].legend(fontsize=8)
     if title:
-        ax.set_title(title, fontsize=10)
+        fig.suptitle(title, fontsize=10)
     return _save(fig, stem)
 
 

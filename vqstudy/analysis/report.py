@@ -26,7 +26,8 @@ def fit_rows(fits: list[Fit]) -> list[dict[str, str]]:
     """One row per fit, parameters as 'value [lo, hi]'."""
     rows = []
     for f in fits:
-        params = "; ".join(f"{k} = {_num(v)} [{_num(f.ci[k][0])}, {_num(f.ci[k][1])}]" for k, v in f.params.items())
+        params = "; ".join(f"{k} = {_num(v)} [{_num(f.ci[k][0])}, {_num(f.ci[k][1])}]"
+                           + (" (at its bound)" if k in f.at_bound else "") for k, v in f.params.items())
         onset = "" if f.onset is None else f"{_num(f.onset)} [{_num(f.onset_ci[0])}, {_num(f.onset_ci[1])}]"
         rows.append({"group": _group_label(f), "metric": f.y_key, "form": f.form, "parameters (95% CI)": params,
                      "R²": f"{f.r2:.3f}", "rows": str(f.n), "collapse onset K (95% CI)": onset})
@@ -48,8 +49,11 @@ def reading(f: Fit) -> str:
                 f"cross {f.threshold:.0%} only at K ≈ {_num(f.onset)}, beyond the data (R² = {f.r2:.2f}).")
     p, ci = f.params, f.ci
     gain = 1 - float(f.predict([hi])[0]) / float(f.predict([lo])[0])
-    flat = ci["alpha"][0] <= 0.02
-    trend = ("shows no reliable improvement with K" if flat else
+    if "alpha" in f.at_bound:
+        return (f"{who}: {f.y_key} does not follow a power law in K: it changes by {gain:.0%} from K = {_num(lo)} "
+                f"to {_num(hi)}, in a step at the smallest sizes, and stays near {_num(p['E'])} after "
+                f"(the exponent ran to its bound; R² = {f.r2:.2f}).")
+    trend = ("shows no reliable improvement with K" if ci["alpha"][0] <= 0.02 else
              f"improves with K as K^-{p['alpha']:.2f} (95% CI {ci['alpha'][0]:.2f}–{ci['alpha'][1]:.2f})")
     return (f"{who}: {f.y_key} {trend} towards a floor E = {_num(p['E'])}; from K = {_num(lo)} to "
             f"{_num(hi)} the fitted {f.y_key} drops by {gain:.0%} (R² = {f.r2:.2f}).")

@@ -39,6 +39,18 @@ def nearest_code(z: Tensor, codebook: Tensor, block_elements: int = SEARCH_BLOCK
     return out
 
 
+def lookup(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Nearest codes for channel-last z: (z flattened (N, D), indices (N,), codes shaped like z)."""
+    flat = z.reshape(-1, z.shape[-1])
+    idx = nearest_code(flat, codebook)
+    return flat, idx, F.embedding(idx, codebook).view_as(z)
+
+
+def quant_out(z: Tensor, q: Tensor, idx: Tensor, losses: dict[str, Tensor], use_rotation: bool) -> QuantOut:
+    """Package a quantization: z_q carries the chosen gradient estimator; indices shaped like z's batch."""
+    return QuantOut(estimate_gradient(z, q, use_rotation), idx.view(z.shape[:-1]), losses)
+
+
 def straight_through(z: Tensor, q: Tensor) -> Tensor:
     """Forward value q, gradient copied to z unchanged (VQ-VAE, van den Oord et al. 2017)."""
     return z + (q - z).detach()

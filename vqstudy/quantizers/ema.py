@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import QuantOut, ema_inplace, estimate_gradient, kmeans, nearest_code, sample_rows, vq_losses
+from ._common import QuantOut, ema_inplace, kmeans, lookup, quant_out, sample_rows, vq_losses
 
 
 class EMAVQ(nn.Module):
@@ -31,13 +31,10 @@ class EMAVQ(nn.Module):
         return self.embedding
 
     def forward(self, z: Tensor) -> QuantOut:
-        flat = z.reshape(-1, z.shape[-1])              # (N, D)
-        idx = nearest_code(flat, self.embedding)       # (N,)
-        q = F.embedding(idx, self.embedding).view_as(z)
+        flat, idx, q = lookup(z, self.embedding)       # flat (N, D), idx (N,), q like z (old codes)
         if self.training:
             self._update(flat.detach().float(), idx)
-        losses = vq_losses(z, q, self.beta, codebook_term=False)
-        return QuantOut(estimate_gradient(z, q, self.rotation_trick), idx.view(z.shape[:-1]), losses)
+        return quant_out(z, q, idx, vq_losses(z, q, self.beta, codebook_term=False), self.rotation_trick)
 
     @torch.no_grad()
     def _update(self, flat: Tensor, idx: Tensor) -> None:

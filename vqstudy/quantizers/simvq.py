@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import QuantOut, estimate_gradient, nearest_code, vq_losses
+from ._common import QuantOut, nearest_code, quant_out, vq_losses
 
 
 class SimVQ(nn.Module):
@@ -33,8 +33,7 @@ class SimVQ(nn.Module):
         with torch.no_grad():                            # the search needs all K codes, not their gradient
             idx = nearest_code(flat, self.codebook)     # (N,)
         q = self.decode(idx).view_as(z)                 # C[idx] W: gradient reaches W through N rows, not K
-        losses = vq_losses(z, q, self.beta)
-        return QuantOut(estimate_gradient(z, q, self.rotation_trick), idx.view(z.shape[:-1]), losses)
+        return quant_out(z, q, idx, vq_losses(z, q, self.beta), self.rotation_trick)
 
     def decode(self, indices: Tensor) -> Tensor:
         return self.proj(F.embedding(indices, self.frozen_codebook))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import QuantOut, estimate_gradient, kmeans, nearest_code, vq_losses
+from ._common import QuantOut, kmeans, lookup, quant_out, vq_losses
 
 
 class VQ(nn.Module):
@@ -28,11 +28,8 @@ class VQ(nn.Module):
         return self.embedding
 
     def forward(self, z: Tensor) -> QuantOut:
-        flat = z.reshape(-1, z.shape[-1])              # (N, D)
-        idx = nearest_code(flat, self.embedding)       # (N,)
-        q = F.embedding(idx, self.embedding).view_as(z)
-        losses = vq_losses(z, q, self.beta)
-        return QuantOut(estimate_gradient(z, q, self.rotation_trick), idx.view(z.shape[:-1]), losses)
+        _, idx, q = lookup(z, self.embedding)          # idx (N,), q like z
+        return quant_out(z, q, idx, vq_losses(z, q, self.beta), self.rotation_trick)
 
     def decode(self, indices: Tensor) -> Tensor:
         return F.embedding(indices, self.embedding)
