@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -129,6 +130,7 @@ def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)]
 
 
+@functools.lru_cache(maxsize=None)
 def field_of(key: str) -> dataclasses.Field:
     section, name = key.split(".", 1)
     return {f.name: f for f in dataclasses.fields(SECTIONS[section])}[name]
@@ -176,6 +178,7 @@ _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
                "false": False, "no": False, "off": False, "0": False}
 
 
+@functools.lru_cache(maxsize=None)
 def _base_type(annotation) -> tuple[type, bool]:
     """(the non-None type, whether None is allowed) of a field annotation such as 'int | None'."""
     tp = eval(annotation, {"int": int, "float": float, "str": str, "bool": bool}) \
