@@ -40,7 +40,9 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     just wrote at most every `sweep.checkpoint_interval_s` seconds and at the last step.
     A restarted trial (crash retry or `vqstudy resume`) continues from Tune's checkpoint and
     reopens its MLflow run. A diverged trial ends as FAILED in MLflow with its reason, and
-    reports `diverged: 1` to Tune instead of raising, so Tune does not retry a deterministic failure."""
+    reports `diverged: 1` to Tune instead of raising, so Tune does not retry a deterministic
+    failure. A trial Tune stops (SystemExit inside tune.report) ends KILLED; the driver then
+    marks it FINISHED with the step it stopped at (see tracking.reconcile_children)."""
     import torch
     from ray import tune
 
@@ -64,16 +66,33 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
 
     reporting_s = 0.0           # time in MLflow writes and tune.report (with its checkpoint copy)
     persisted_at = -math.inf    # when Tune last persisted a checkpoint (a copy costs ~10 ms)
+    closed = False
+
+    def close(final: dict) -> None:
+        """Figures, timing metrics, FINISHED: the trial's last words to MLflow."""
+        nonlocal closed
+        t0 = time.perf_counter()
+        if spec["artifacts"]:
+            tracking.log_artifacts(spec["tracking_uri"], run.run_id, trial_figures(cfg, work, work / "figures"))
+        run.log_metrics({"reporting_time_s": reporting_s, "artifacts_time_s": time.perf_counter() - t0},
+                        step=final["step"])
+        run.finish(ok=True)
+        closed = True
 
     def report(metrics: dict) -> None:
         nonlocal reporting_s, persisted_at
         t0 = time.perf_counter()
         if metrics["step"] > run.logged_step:  # a restart may redo steps MLflow already holds
             run.log_metrics(metrics, step=metrics["step"])
-        persist = t0 - persisted_at >= spec["checkpoint_interval_s"] or metrics["step"] == cfg.train.steps
-        tune.report({**metrics, "diverged": 0}, checkpoint=tune.Checkpoint.from_directory(work) if persist else None)
-        persisted_at = t0 if persist else persisted_at
+        last = metrics["step"] == cfg.train.steps
+        persist = last or t0 - persisted_at >= spec["checkpoint_interval_s"]
         reporting_s += time.perf_counter() - t0
+        if last:  # close first: Tune may stop the trial inside its last report (ASHA's max_t)
+            close(metrics)
+        t1 = time.perf_counter()
+        tune.report({**metrics, "diverged": 0}, checkpoint=tune.Checkpoint.from_directory(work) if persist else None)
+        persisted_at = t1 if persist else persisted_at
+        reporting_s += time.perf_counter() - t1
 
     try:
         final = train(cfg, report=report, checkpoint_dir=work)
@@ -82,15 +101,15 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         last = e.metrics or {"step": e.step, "recon_mse": math.nan}
         tune.report({**last, "diverged": 1})
         return
+    except SystemExit:  # Tune stopped the trial (a scheduler's decision, or shutdown)
+        if not closed:
+            run.stop(step=run.last_step)
+        raise
     except BaseException as e:
         run.finish(ok=False, reason=f"{type(e).__name__}: {e}")
         raise
-    t0 = time.perf_counter()
-    if spec["artifacts"]:
-        tracking.log_artifacts(spec["tracking_uri"], run.run_id, trial_figures(cfg, work, work / "figures"))
-    run.log_metrics({"reporting_time_s": reporting_s, "artifacts_time_s": time.perf_counter() - t0},
-                    step=final["step"])
-    run.finish(ok=True)
+    if not closed:  # resumed from a checkpoint of its last step: train() reported nothing
+        close(final)
 
 
 # -- search: one Optuna study per grid point ----------------------------------------------

@@ -88,18 +88,22 @@ def finish_run(uri: str, run_id: str, ok: bool, reason: str | None = None) -> No
 
 
 def reconcile_children(uri: str, experiment_id: str, outcomes: dict[str, tuple[bool, int | None]]) -> None:
-    """Close child runs that their trial left RUNNING, from the driver's view of each trial:
-    trial id -> (finished without error, step where a scheduler stopped it early or None).
-    A scheduler stopping a trial, or a worker dying, never lets the trial close its own run."""
+    """Settle child runs their trial left RUNNING (worker died) or KILLED (Tune stopped it),
+    from the driver's final view of each trial: trial id -> (finished without error, step
+    where a scheduler stopped it early, or None). A trial a scheduler stopped is a finished
+    trial, tagged with where it stopped."""
     client = _client(uri)
-    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'"):
-        trial_id = run.data.tags.get(TRIAL_TAG)
-        if trial_id not in outcomes:
-            continue
-        ok, stopped_at = outcomes[trial_id]
-        if stopped_at is not None:
-            client.set_tag(run.info.run_id, STOPPED_TAG, stopped_at)
-        client.set_terminated(run.info.run_id, status="FINISHED" if ok else "FAILED")
+    for status in ("RUNNING", "KILLED"):
+        for run in client.search_runs([experiment_id], filter_string=f"attributes.status = '{status}'"):
+            trial_id = run.data.tags.get(TRIAL_TAG)
+            if trial_id not in outcomes:
+                continue
+            ok, stopped_at = outcomes[trial_id]
+            if stopped_at is not None:
+                client.set_tag(run.info.run_id, STOPPED_TAG, stopped_at)
+            elif STOPPED_TAG in run.data.tags:  # stopped by shutdown, then resumed to the end
+                client.delete_tag(run.info.run_id, STOPPED_TAG)
+            client.set_terminated(run.info.run_id, status="FINISHED" if ok else "FAILED")
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
@@ -139,6 +143,7 @@ class TrialRun:
     client: Any
     run_id: str
     logged_step: int = 0        # highest step already in the run (reopened runs skip up to it)
+    last_step: int = 0          # highest step this attempt has logged or inherited
     pending: list = field(default_factory=list)
 
     @classmethod
@@ -151,11 +156,18 @@ class TrialRun:
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
             history = client.get_metric_history(run_id, "step")
-            return cls(client, run_id, logged_step=max((int(m.value) for m in history), default=0))
+            logged = max((int(m.value) for m in history), default=0)
+            return cls(client, run_id, logged_step=logged, last_step=logged)
         all_tags = {**tags, TRIAL_TAG: trial_id, PARENT_TAG: parent_run_id}
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         log_params(client, run.info.run_id, params)
         return cls(client, run.info.run_id)
+
+    def stop(self, step: int) -> None:
+        """Tune stopped the trial before its end: KILLED, with the step it reached."""
+        self.flush()
+        self.client.set_tag(self.run_id, STOPPED_TAG, step)
+        self.client.set_terminated(self.run_id, status="KILLED")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """All of one evaluation's metrics in one write."""
@@ -163,6 +175,7 @@ class TrialRun:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self.last_step = max(step, self.last_step)
         self.pending.append(_writer().submit(self.client.log_batch, self.run_id, metrics=batch))
 
     def flush(self) -> None:
