@@ -138,8 +138,8 @@ def main() -> None:
         rows.append((k, cells))
     device = next((c["device"] for _, cells in rows for c in cells.values() if "device" in c), "?")
     print(f"\nN={args.n}  D={args.dim}  device={device}  (median of {args.repeats}; x floor = time / floor time)\n")
-    print(f"| K | method | fwd+bwd ms | x floor | peak MB |")
-    print(f"|---:|---|---:|---:|---:|")
+    print("| K | method | fwd+bwd ms | x floor | peak MB |")
+    print("|---:|---|---:|---:|---:|")
     for k, cells in rows:
         floor_ms = cells.get("floor", {}).get("ms")
         for m, c in cells.items():

@@ -25,6 +25,7 @@ import yaml
 
 from . import tracking
 from .config import ConfigError, all_keys
+from .search import make_searcher
 from .study import Study, format_table, parse_study
 
 RAY_DIR = "ray"
@@ -110,94 +111,6 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         raise
     if not closed:  # resumed from a checkpoint of its last step: train() reported nothing
         close(final)
-
-
-# -- search: one Optuna study per grid point ----------------------------------------------
-def _optuna_distribution(d):
-    import optuna
-
-    lo, *rest = d.args
-    if d.kind == "loguniform":
-        return optuna.distributions.FloatDistribution(lo, rest[0], log=True)
-    if d.kind == "uniform":
-        return optuna.distributions.FloatDistribution(lo, rest[0])
-    if d.kind == "int":
-        return optuna.distributions.IntDistribution(lo, rest[0])
-    return optuna.distributions.CategoricalDistribution(list(d.args))
-
-
-def _make_searcher_class():
-    """Defined lazily: subclassing ray.tune's Searcher needs Ray imported."""
-    import optuna
-    from ray.tune.search import Searcher
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    class PerPointSearcher(Searcher):
-        """Yields every grid point x seed, each with `num_samples` configurations from its own
-        Optuna study (random, TPE or NSGA-II sampler), round-robin across points so that
-        concurrent trials spread over the grid. Without a search, each point once."""
-
-        def __init__(self, study: Study):
-            super().__init__(metric=None, mode=None)
-            self.points = study.points()
-            self.samples = study.samples_per_point
-            self.objectives = list(zip(study.metric, study.mode))
-            self.space = {k: _optuna_distribution(d) for k, d in (study.search.space.items() if study.search else [])}
-            self.studies = [self._new_study(study, i) for i in range(len(self.points))] if self.space else []
-            self.issued = [0] * len(self.points)
-            self.cursor = 0
-            self.pending: dict[str, tuple[int, int | None]] = {}
-
-        def _new_study(self, study: Study, i: int):
-            seed = study.base.train.seed * 100_003 + i
-            kind = "random" if study.search.algorithm == "random" else study.search.sampler
-            sampler = {"random": optuna.samplers.RandomSampler, "tpe": optuna.samplers.TPESampler,
-                       "nsga2": optuna.samplers.NSGAIISampler}[kind](seed=seed)
-            directions = ["minimize" if m == "min" else "maximize" for m in study.mode]
-            return optuna.create_study(directions=directions, sampler=sampler)
-
-        def set_search_properties(self, metric, mode, config, **spec) -> bool:
-            return True
-
-        def suggest(self, trial_id: str):
-            for _ in range(len(self.points)):
-                i, self.cursor = self.cursor, (self.cursor + 1) % len(self.points)
-                if self.issued[i] < self.samples:
-                    self.issued[i] += 1
-                    params, number = {}, None
-                    if self.space:
-                        trial = self.studies[i].ask(self.space)
-                        params, number = trial.params, trial.number
-                    self.pending[trial_id] = (i, number)
-                    return {**self.points[i], **params}
-            return Searcher.FINISHED
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            i, number = self.pending.pop(trial_id, (None, None))
-            if number is None:
-                return
-            values = [result.get(m) if result else None for m, _ in self.objectives]
-            ok = not error and result and not result.get("diverged") and all(
-                isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-            if ok:
-                self.studies[i].tell(number, values)
-            else:
-                self.studies[i].tell(number, state=optuna.trial.TrialState.FAIL)
-
-        def save(self, checkpoint_path: str) -> None:
-            import pickle
-
-            with open(checkpoint_path, "wb") as f:
-                pickle.dump(self.__dict__, f)
-
-        def restore(self, checkpoint_path: str) -> None:
-            import pickle
-
-            with open(checkpoint_path, "rb") as f:
-                self.__dict__.update(pickle.load(f))
-
-    return PerPointSearcher
 
 
 # -- progress ----------------------------------------------------------------------------------
@@ -403,7 +316,7 @@ def run(study: Study, out_dir: Path, address: str | None = None, tracking_uri: s
     state = _prepare(study, out_dir, tracking_uri)
     from ray import tune
 
-    tune_config = tune.TuneConfig(search_alg=_make_searcher_class()(study), scheduler=_scheduler(study),
+    tune_config = tune.TuneConfig(search_alg=make_searcher(study), scheduler=_scheduler(study),
                                   num_samples=study.num_trials, reuse_actors=True,
                                   max_concurrent_trials=study.resources.max_concurrent,
                                   trial_dirname_creator=_trial_dirname)

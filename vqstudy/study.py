@@ -8,7 +8,7 @@ module imports neither Ray nor torch-heavy code, so validation and `--dry-run` a
 How grid and search combine: Ray cannot mix `grid_search` with a searcher such as Optuna,
 so vqstudy tunes *per grid point*, as scaling-law work tunes the learning rate per model
 size: each (grid point, seed) gets its own search of `num_samples` trials, with its own
-Optuna study (see runner.PerPointSearcher). A study with no `search` runs each point once.
+Optuna study (see vqstudy/search.py). A study with no `search` runs each point once.
 """
 from __future__ import annotations
 
