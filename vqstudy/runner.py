@@ -62,7 +62,7 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             shutil.copytree(d, work)
-        run.client.set_tag(run.run_id, tracking.RESTORED_TAG, checkpoint_step(work))
+        run.restored_at(checkpoint_step(work))
     work.mkdir(parents=True, exist_ok=True)
 
     reporting_s = 0.0           # time in MLflow writes and tune.report (with its checkpoint copy)

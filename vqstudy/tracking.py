@@ -163,6 +163,10 @@ class TrialRun:
         log_params(client, run.info.run_id, params)
         return cls(client, run.info.run_id)
 
+    def restored_at(self, step: int | None) -> None:
+        """This attempt continues from a checkpoint written at `step`."""
+        self.client.set_tag(self.run_id, RESTORED_TAG, step)
+
     def stop(self, step: int) -> None:
         """Tune stopped the trial before its end: KILLED, with the step it reached."""
         self.flush()
