@@ -239,8 +239,7 @@ def _run_config(study: Study, out_dir: Path):
         name=RAY_DIR, storage_path=str(out_dir),
         failure_config=tune.FailureConfig(max_failures=study.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[_make_progress_callback(study.num_trials, list(study.grid) + list(
-            study.search.space if study.search else []) + (["train.seed"] if study.repeats > 1 else []))],
+        callbacks=[_make_progress_callback(study.num_trials, study.varied_keys)],
         verbose=0,
     )
 
@@ -327,6 +326,8 @@ def run(study: Study, out_dir: Path, address: str | None = None, tracking_uri: s
 def load_folder(out_dir: Path) -> tuple[Study, dict[str, Any]]:
     """The study and tracking state stored in a study folder (ConfigError if it is not one)."""
     out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: no such study folder")
     if not (out_dir / STATE_FILE).exists() or not (out_dir / STUDY_COPY).exists():
         raise ConfigError(f"{out_dir}: not a study folder (no {STATE_FILE}; `vqstudy run STUDY.yaml --out DIR` makes one)")
     state = json.loads((out_dir / STATE_FILE).read_text())
@@ -379,9 +380,7 @@ def trial_rows(out_dir: Path, order: Study) -> list[dict[str, Any]]:
 
 
 def table_columns(study: Study, rows: list[dict[str, Any]]) -> list[str]:
-    keys = list(study.grid) + list(study.search.space if study.search else [])
-    if study.repeats > 1:
-        keys.append("train.seed")
+    keys = study.varied_keys
     present = {k for r in rows for k in r}
     retried = ["failures"] if any(r.get("failures") for r in rows) else []  # shown only when a trial crashed
     return [c for c in ["trial_id", "status", *retried, *keys, "step", "recon_mse", "utilization", "perplexity"]

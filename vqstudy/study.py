@@ -99,6 +99,12 @@ class Study:
         return points
 
     @property
+    def varied_keys(self) -> list[str]:
+        """The keys that differ between trials: gridded, searched, and the seed when repeated."""
+        keys = list(self.grid) + list(self.search.space if self.search else [])
+        return keys + (["train.seed"] if self.repeats > 1 and "train.seed" not in keys else [])
+
+    @property
     def samples_per_point(self) -> int:
         return self.search.num_samples if self.search else 1
 

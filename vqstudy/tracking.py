@@ -80,11 +80,14 @@ def start_parent(uri: str, experiment_id: str, run_name: str, tags: dict[str, st
     return run.info.run_id
 
 
-def finish_run(uri: str, run_id: str, ok: bool, reason: str | None = None) -> None:
-    client = _client(uri)
+def _terminate(client, run_id: str, ok: bool, reason: str | None = None) -> None:
     if reason:
         client.set_tag(run_id, FAILURE_TAG, reason[:5000])
     client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+def finish_run(uri: str, run_id: str, ok: bool, reason: str | None = None) -> None:
+    _terminate(_client(uri), run_id, ok, reason)
 
 
 def reconcile_children(uri: str, experiment_id: str, outcomes: dict[str, tuple[bool, int | None]]) -> None:
@@ -101,9 +104,7 @@ def reconcile_children(uri: str, experiment_id: str, outcomes: dict[str, tuple[b
             ok, stopped_at = outcomes[trial_id]
             if stopped_at is not None:
                 client.set_tag(run.info.run_id, STOPPED_TAG, stopped_at)
-            elif STOPPED_TAG in run.data.tags:  # stopped by shutdown, then resumed to the end
-                client.delete_tag(run.info.run_id, STOPPED_TAG)
-            client.set_terminated(run.info.run_id, status="FINISHED" if ok else "FAILED")
+            _terminate(client, run.info.run_id, ok)
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
@@ -152,8 +153,11 @@ class TrialRun:
         client = _client(uri)
         found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'",
                                    max_results=1)
-        if found:
+        if found:  # a retry or a resume: the earlier attempt's verdict no longer holds
             run_id = found[0].info.run_id
+            for tag in (FAILURE_TAG, STOPPED_TAG):
+                if tag in found[0].data.tags:
+                    client.delete_tag(run_id, tag)
             client.update_run(run_id, status="RUNNING")
             history = client.get_metric_history(run_id, "step")
             logged = max((int(m.value) for m in history), default=0)
@@ -189,6 +193,4 @@ class TrialRun:
 
     def finish(self, ok: bool, reason: str | None = None) -> None:
         self.flush()
-        if reason:
-            self.client.set_tag(self.run_id, FAILURE_TAG, reason[:5000])
-        self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
+        _terminate(self.client, self.run_id, ok, reason)

@@ -31,14 +31,12 @@ CURVES = {"utilization": "saturating", "recon_mse": "power"}   # metric -> fitte
 MAX_GROUP_VALUES = 12   # a swept key with more values (a searched lr) is not a grouping key
 
 
-def export_study(out_dir: Path, output: Path | None = None):
+def export_study(out_dir: Path, output: Path | None = None, state: dict | None = None):
     """Export a study folder's trials to Parquet (default DIR/results.parquet)."""
     out_dir = Path(out_dir)
-    if not out_dir.exists():
-        raise ConfigError(f"{out_dir}: no such study folder")
-    _, state = load_folder(out_dir)
+    state = state or load_folder(out_dir)[1]
     return export_runs(state["tracking_uri"], state["experiment_id"], state["parent_run_id"],
-                  output or out_dir / RESULTS_FILE)
+                       output or out_dir / RESULTS_FILE)
 
 
 def swept_keys(df: pd.DataFrame) -> list[str]:
@@ -125,10 +123,8 @@ def analyze(out_dir: Path, *, threshold: float = 0.5, n_boot: int = 200) -> list
     from .. import tracking
 
     out_dir = Path(out_dir)
-    study, state = load_folder(out_dir) if out_dir.exists() else (None, None)
-    if study is None:
-        raise ConfigError(f"{out_dir}: no such study folder")
-    df = export_study(out_dir).to_pandas()
+    study, state = load_folder(out_dir)
+    df = export_study(out_dir, state=state).to_pandas()
     used = df[(df["status"] == "FINISHED") & ~df["diverged"] & df["stopped_early_at_step"].isna()]
     if used.empty:
         raise ConfigError(f"{out_dir}: no finished trials to analyze ({len(df)} trials recorded)")
