@@ -151,6 +151,18 @@ def test_killed_driver_then_resume(tmp_path, ray_address):
     out = tmp_path / "out"
     driver = _driver(path, out, ray_address)
     _wait_for(lambda: _children_with(out, "FINISHED") >= 1, 120, "a finished trial")
+    # Ray writes its state files in place: freeze the driver, and kill it only at a moment
+    # its files read whole (resume refuses a state cut short; see test_resume_refuses_...).
+    deadline = time.time() + 60
+    while True:
+        os.killpg(driver.pid, signal.SIGSTOP)
+        try:
+            runner.check_ray_state(out / runner.RAY_DIR)
+            break
+        except Exception:
+            os.killpg(driver.pid, signal.SIGCONT)
+            assert time.time() < deadline, "Ray's state never read whole"
+            time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     assert _children_with(out, "FINISHED") < len(sizes)
@@ -160,6 +172,21 @@ def test_killed_driver_then_resume(tmp_path, ray_address):
     assert len(parents) == 1 and len(children) == len(sizes)
     assert all(c.info.status == "FINISHED" for c in children)
     assert len({c.data.tags["vqstudy.trial_id"] for c in children}) == len(sizes)
+
+
+def test_resume_refuses_a_state_cut_short(tmp_path, capsys):
+    """A Ray experiment state left empty by a driver killed mid-write: resume says so in one
+    line (exit 2) instead of resuming part of the study."""
+    from vqstudy.cli import main
+
+    out = tmp_path / "out"
+    (out / runner.RAY_DIR).mkdir(parents=True)
+    (out / runner.STUDY_COPY).write_text("name: cut\n")
+    (out / runner.STATE_FILE).write_text(json.dumps({"tracking_uri": "sqlite:///x", "experiment_id": "1",
+                                                     "parent_run_id": "p", "study_path": None}))
+    (out / runner.RAY_DIR / "experiment_state-2026-01-01_00-00-00.json").write_text("")
+    assert main(["resume", str(out)]) == 2
+    assert "Ray's experiment state is empty or cut short" in capsys.readouterr().err
 
 
 def _trial_pids() -> list[int]:

@@ -344,6 +344,7 @@ def resume(out_dir: Path, address: str | None = None) -> int:
     study, state = load_folder(out_dir)
     if not (out_dir / RAY_DIR).exists():
         raise ConfigError(f"{out_dir}: the study never reached Ray (no {RAY_DIR}/); run it again")
+    check_ray_state(out_dir / RAY_DIR)
     connect(address)
     check_cluster_fits(study)
     tracking.start_parent(state["tracking_uri"], state["experiment_id"], study.name, {}, {}, state["parent_run_id"])
@@ -363,6 +364,20 @@ def _grid_order(study: Study):
         point = tuple(sorted((k, trial.config.get(k)) for k in keys))
         return index.get(point, len(index)), trial.trial_id
     return key
+
+
+def check_ray_state(ray_dir: Path) -> None:
+    """Ray writes its experiment state in place (not atomically); a driver killed during that
+    write leaves it empty, and Tune would then resume only part of the study without saying
+    so. Refuse instead, naming the file."""
+    states = sorted(ray_dir.glob("experiment_state-*.json"))
+    if not states:
+        raise ConfigError(f"{ray_dir}: no Ray experiment state to resume from")
+    try:
+        json.loads(states[-1].read_text())
+    except ValueError:
+        raise ConfigError(f"{states[-1]}: Ray's experiment state is empty or cut short (the driver was killed "
+                          f"while Ray wrote it); this study cannot be resumed: run it again into a new --out") from None
 
 
 def trial_rows(out_dir: Path, order: Study) -> list[dict[str, Any]]:
