@@ -48,7 +48,7 @@ def test_train_with_config_file_prints_a_table(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--set", "quantizer.nam=vq"], "quantizer.nam: unknown key (did you mean quantizer.name?)"),
-    (["train", "--set", "quantizer.name=vqq"], "quantizer.name: 'vqq' is not one of vq, ema, simvq"),
+    (["train", "--set", "quantizer.name=vqq"], "quantizer.name: 'vqq' is not one of vq, ema, simvq, cvq, ibq, fsq, lfq"),
     (["train", "--set", "train.steps=-1"], "train.steps: -1 is out of range"),
     (["train", "--set", "train.steps"], "expected key=value"),
     (["train", "--config", "missing.yaml"], "missing.yaml: cannot read"),

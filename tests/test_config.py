@@ -17,7 +17,7 @@ def test_nested_flat_and_mixed_dicts_agree():
 
 def test_flat_roundtrip_covers_every_key():
     """to_flat() names every field by its dotted key and rebuilds the same config."""
-    cfg = TrialConfig().with_overrides(["model.latent_dim=8", "data.num_train=100"])
+    cfg = TrialConfig().with_overrides(["model.latent_dim=8", "data.num_train=100", "quantizer.levels=8,4"])
     flat = cfg.to_flat()
     assert sorted(flat) == sorted(all_keys())
     assert TrialConfig.from_dict(flat) == cfg
@@ -32,6 +32,9 @@ def test_flat_roundtrip_covers_every_key():
     ("data.num_train=null", "data.num_train", None),
     ("data.spread=1", "data.spread", 1.0),
     ("train.device=cuda:1", "train.device", "cuda:1"),
+    ("quantizer.levels=8,5,5,5", "quantizer.levels", (8, 5, 5, 5)),
+    ("quantizer.levels=[8, 5, 5, 5]", "quantizer.levels", (8, 5, 5, 5)),
+    ("quantizer.levels=(8, 5, 5, 5)", "quantizer.levels", (8, 5, 5, 5)),    # as an MLflow param reads
 ])
 def test_overrides_are_coerced(assignment, key, expected):
     """--set values arrive as strings and are typed by the field they name."""
@@ -40,7 +43,7 @@ def test_overrides_are_coerced(assignment, key, expected):
 
 
 @pytest.mark.parametrize("flat, message", [
-    ({"quantizer.name": "vqq"}, "quantizer.name: 'vqq' is not one of vq, ema, simvq"),
+    ({"quantizer.name": "vqq"}, "quantizer.name: 'vqq' is not one of vq, ema, simvq, cvq, ibq, fsq, lfq"),
     ({"quantizer.codebok_size": 8}, "quantizer.codebok_size: unknown key (did you mean quantizer.codebook_size?)"),
     ({"optimizer.lr": 1}, "optimizer.lr: unknown key"),
     ({"quantizer.codebook_size": "big"}, "quantizer.codebook_size: 'big' is not a valid int"),
@@ -51,13 +54,24 @@ def test_overrides_are_coerced(assignment, key, expected):
     ({"train.lr": 0}, "train.lr: 0.0 is out of range (must be > 0.0)"),
     ({"quantizer.decay": 1.5}, "quantizer.decay: 1.5 is out of range (must be <= 1.0)"),
     ({"quantizer.init": "pca"}, "quantizer.init: 'pca' is not one of random, kmeans"),
-    ({"quantizer.name": "simvq", "quantizer.init": "kmeans"}, "quantizer.init: kmeans needs a learnable codebook (vq, ema), not simvq"),
+    ({"quantizer.name": "simvq", "quantizer.init": "kmeans"}, "quantizer.init: kmeans needs a learnable codebook (vq, ema, cvq, ibq), not simvq"),
     ({"quantizer.warmup_steps": 10, "train.steps": 10}, "quantizer.warmup_steps: 10 leaves no quantized steps"),
     ({"data.name": "imagenet"}, "data.name: 'imagenet' is not one of gaussian_mixture, shapes, digits"),
     ({"train.device": "tpu"}, "train.device: 'tpu' is not one of auto, cpu, cuda, cuda:N, mps"),
     ({"train.steps": None}, "train.steps: a value is required (int)"),
     ({"data.download": "maybe"}, "data.download: 'maybe' is not a valid bool"),
     ({"quantizer": 3}, "quantizer: expected a mapping of quantizer.* keys"),
+    ({"quantizer.levels": "8,x"}, "quantizer.levels: '8,x' is not a valid list of int or null"),
+    ({"quantizer.levels": [8, 2]}, "quantizer.levels: 2 is out of range (every value must be >= 3)"),
+    ({"quantizer.name": "fsq", "quantizer.codebook_size": 512},
+     "quantizer.codebook_size: fsq knows levels for 256, 1024, 4096, 16384, 65536, 262144, not 512"),
+    ({"quantizer.name": "fsq", "quantizer.levels": [8, 5, 5, 5]},
+     "quantizer.levels: [8, 5, 5, 5] give 1,000 codes, but quantizer.codebook_size is 512 (set it to 1000)"),
+    ({"quantizer.name": "lfq", "quantizer.codebook_size": 1000},
+     "quantizer.codebook_size: lfq needs a power of two (2^bits codes), not 1000 (nearest: 512 or 1024)"),
+    ({"quantizer.name": "fsq", "quantizer.codebook_size": 1024, "quantizer.init": "kmeans"},
+     "quantizer.init: kmeans needs a learnable codebook (vq, ema, cvq, ibq), not fsq"),
+    ({"quantizer.anchor": "nearest"}, "quantizer.anchor: 'nearest' is not one of probrandom, closest, random"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(flat, message):
     """Every bad value raises ConfigError whose one line names the key and the allowed values."""

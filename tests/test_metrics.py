@@ -58,10 +58,10 @@ def test_accumulator_hand_case():
     x = torch.zeros(2, 3)
     x_hat = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 3.0]])  # squares sum 12 over 6 elements
     acc.update(x, x_hat, z_e, z_q, torch.tensor([0, 3]))
-    m = acc.compute(codebook=torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))
+    m = acc.compute(covariance(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])))
     assert m["quant_error"] == pytest.approx(2.5) and m["recon_mse"] == pytest.approx(2.0)
     assert m["utilization"] == 0.5 and m["dead_codes"] == 2 and m["perplexity"] == pytest.approx(2)
-    assert m["codebook_effective_dim"] == 2 and "psnr" not in m
+    assert m["codebook_effective_dim"] == 2 and m["num_codes"] == 4 and "psnr" not in m
 
 
 def test_accumulator_streaming_equals_one_pass():
@@ -74,8 +74,8 @@ def test_accumulator_streaming_equals_one_pass():
     one.update(x, x_hat, z_e, z_q, idx)
     for s in (slice(0, 7), slice(7, 20), slice(20, 30)):
         many.update(x[s], x_hat[s], z_e[s], z_q[s], idx[s])
-    codebook = torch.randn(16, 5)
-    a, b = one.compute(codebook), many.compute(codebook)
+    codebook_cov = covariance(torch.randn(16, 5))
+    a, b = one.compute(codebook_cov), many.compute(codebook_cov)
     assert a.keys() == b.keys() and "psnr" in a
     for k in a:
         assert a[k] == pytest.approx(b[k], rel=1e-9), k

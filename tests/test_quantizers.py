@@ -1,33 +1,40 @@
 """Quantizers: the shared contract over the whole registry, then each method's own behaviour."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from vqstudy.config import ConfigError
-from vqstudy.quantizers import QUANTIZERS, QuantOut, build_quantizer, nearest_code
+from vqstudy.metrics import codebook_covariance, covariance
+from vqstudy.quantizers import QUANTIZERS, QuantOut, build_quantizer, nearest_code, options_of
 from vqstudy.quantizers._common import kmeans, rotation_trick, straight_through
 
 D, K = 8, 64
+DEFAULTS = {"fsq": {"levels": (4, 4, 4)}}    # FSQ's paper table has no K = 64
 
 
-def make(name: str, **options):
+def make(name: str, dim: int = D, codebook_size: int = K, **options):
     torch.manual_seed(0)
-    return build_quantizer(name, dim=D, codebook_size=K, **options)
+    options = {**DEFAULTS.get(name, {}), **options} if codebook_size == K else options
+    return build_quantizer(name, dim=dim, codebook_size=codebook_size, **options)
 
 
-@pytest.mark.parametrize("rotation", [False, True], ids=["ste", "rotation"])
-@pytest.mark.parametrize("name", list(QUANTIZERS))
+ESTIMATORS = [(n, r) for n in QUANTIZERS for r in (False, True) if not r or "rotation_trick" in options_of(n)]
+
+
+@pytest.mark.parametrize("name, rotation", ESTIMATORS, ids=[f"{n}-{'rotation' if r else 'default'}" for n, r in ESTIMATORS])
 @pytest.mark.parametrize("shape", [(32, D), (4, 5, 6, D)], ids=["vectors", "grid"])
 def test_contract(name, shape, rotation):
     """Shape kept, indices in [0, K), losses finite scalars, gradient reaches the input."""
-    q = make(name, rotation_trick=rotation)
+    q = make(name, **({"rotation_trick": True} if rotation else {}))
     z = torch.randn(*shape, requires_grad=True)
     out = q(z)
     assert isinstance(out, QuantOut)
     assert out.z_q.shape == z.shape and out.indices.shape == shape[:-1]
     assert out.indices.dtype == torch.long and 0 <= out.indices.min() and out.indices.max() < K
-    assert out.losses and all(v.ndim == 0 and torch.isfinite(v) for v in out.losses.values())
+    assert (out.losses or name == "fsq") and all(v.ndim == 0 and torch.isfinite(v) for v in out.losses.values())
     (out.z_q.square().sum() + sum(out.losses.values())).backward()
     assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
@@ -40,13 +47,25 @@ def test_decode_inverts_indices_in_eval(name):
     with torch.no_grad():
         out = q(z)
         assert torch.equal(q.decode(out.indices), out.z_q)
-        assert torch.allclose(out.z_q, q.codebook[out.indices])
+        assert torch.allclose(out.z_q, q.codebook[out.indices], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(QUANTIZERS))
-def test_picks_the_nearest_code(name):
+def test_num_codes_and_codebook_covariance(name):
+    """num_codes is the codebook's size; the codes' covariance (closed form for fsq/lfq) is theirs."""
+    q = make(name)
+    with torch.no_grad():
+        codes = q.codebook.double()
+    assert q.num_codes == codes.shape[0] == K
+    population = covariance(codes) * (K - 1) / K
+    assert torch.allclose(codebook_covariance(q) * (1 if hasattr(q, "implicit_covariance") else (K - 1) / K),
+                          population, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, options", [("vq", {}), ("ema", {}), ("simvq", {}), ("cvq", {"distance": "l2"})])
+def test_picks_the_nearest_code(name, options):
     """The chosen code is the L2-nearest one (checked against a brute-force cdist)."""
-    q = make(name).eval()
+    q = make(name, **options).eval()
     z = torch.randn(50, D)
     with torch.no_grad():
         idx = q(z).indices
@@ -56,13 +75,13 @@ def test_picks_the_nearest_code(name):
 
 def test_unknown_name_lists_the_registry():
     """build_quantizer refuses unknown names, listing every registered one."""
-    with pytest.raises(ConfigError, match="'vqq' is not one of vq, ema, simvq"):
+    with pytest.raises(ConfigError, match="'vqq' is not one of vq, ema, simvq, cvq, ibq, fsq, lfq"):
         build_quantizer("vqq", dim=D, codebook_size=K)
 
 
 def test_unknown_option_lists_the_allowed_ones():
     """An option the method does not take is refused, naming the ones it does."""
-    with pytest.raises(ConfigError, match="unknown option 'decay' \\(allowed: beta, rotation_trick\\)"):
+    with pytest.raises(ConfigError, match="unknown option 'decay' \\(allowed: beta, codebook_weight, rotation_trick\\)"):
         build_quantizer("vq", dim=D, codebook_size=K, decay=0.9)
 
 
@@ -193,3 +212,173 @@ def test_kmeans_init_more_codes_than_data(name):
     q = make(name)
     q.init_from_data(torch.randn(20, D), iters=3)
     assert torch.isfinite(q.codebook).all() and q.codebook.unique(dim=0).shape[0] == K
+
+
+# -- cvq -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("anchor", ["closest", "probrandom", "random"])
+@pytest.mark.parametrize("distance", ["l2", "cos"])
+def test_cvq_dead_codes_move_onto_batch_features(distance, anchor):
+    """cvq: a training step pulls unused codes (alpha ~ 1) onto batch features and leaves the
+    most used code where it was (alpha ~ e^-(10 K p / (1 - decay)))."""
+    q = make("cvq", distance=distance, anchor=anchor)
+    feats = torch.randn(256, D) + 5.0                     # far from the codes' init in (-1/K, 1/K)
+    before = q.embedding.detach().clone()
+    idx = q(feats).indices
+    after = q.embedding.detach()
+    counts = torch.bincount(idx, minlength=K)
+    dead = counts == 0
+    gap = lambda codes: torch.cdist(codes, feats).min(1).values  # noqa: E731  (distance to the nearest feature)
+    assert dead.sum() > K // 2
+    assert (gap(after[dead]) < 0.01 * gap(before[dead])).all()
+    busiest = counts.argmax()
+    assert torch.allclose(after[busiest], before[busiest], atol=1e-6)
+
+
+def test_cvq_leaves_codes_alone_in_eval_and_searches_by_cosine():
+    """cvq: eval changes nothing; with cosine distance the code is the one of largest cosine."""
+    q = make("cvq").eval()
+    before = q.embedding.detach().clone()
+    z = torch.randn(40, D)
+    idx = q(z).indices
+    assert torch.equal(q.embedding, before)
+    cos = torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(before, dim=1).t()
+    assert torch.equal(idx, cos.argmax(1))
+
+
+def test_cvq_step_still_trains_the_used_codes():
+    """cvq: the in-place pull after z_q is taken does not break the backward pass."""
+    q = make("cvq")
+    out = q(torch.randn(16, D, requires_grad=True))
+    out.losses["codebook"].backward()
+    assert q.embedding.grad[out.indices.unique()].abs().sum() > 0
+
+
+# -- ibq -------------------------------------------------------------------------------------
+def test_ibq_every_code_receives_gradient_in_one_step():
+    """ibq: the decoder's gradient alone reaches all K codes (vq's reaches only the selected)."""
+    z = torch.randn(16, D)
+    for name, all_codes in (("ibq", True), ("vq", False)):
+        q = make(name)
+        out = q(z)
+        out.z_q.square().sum().backward()
+        grad = q.embedding.grad if q.embedding.grad is not None else torch.zeros(K, D)
+        touched = grad.abs().sum(1) > 0
+        assert out.indices.unique().numel() < K
+        assert touched.all().item() is all_codes, name
+
+
+def test_ibq_picks_the_largest_logit_in_train_and_eval():
+    """ibq: the code is argmax_k z.c_k (not the L2-nearest), the same in training and eval."""
+    q = make("ibq")
+    z = torch.randn(64, D)
+    expected = (z @ q.embedding.detach().t()).argmax(1)
+    assert torch.equal(q(z).indices, expected)
+    with torch.no_grad():
+        assert torch.equal(q.eval()(z).indices, expected)
+
+
+def test_ibq_losses_and_their_weights():
+    """ibq: the reference's terms, VQ pair weighted by beta / codebook_weight, entropies signed."""
+    torch.manual_seed(1)
+    z = torch.randn(32, D)
+    a = make("ibq")(z).losses
+    b = make("ibq", beta=1.0, codebook_weight=0.25, sample_entropy_weight=0.2, batch_entropy_weight=0.0)(z).losses
+    assert set(a) == {"index_backprop", "commitment", "codebook", "sample_entropy", "batch_entropy"}
+    assert torch.allclose(a["index_backprop"], a["codebook"])       # same value ||q - z||^2, other gradient
+    assert torch.allclose(b["commitment"], 4 * a["commitment"]) and torch.allclose(b["codebook"], 0.25 * a["codebook"])
+    assert torch.allclose(b["sample_entropy"], 2 * a["sample_entropy"]) and b["batch_entropy"] == 0
+    assert a["batch_entropy"] < 0 < a["sample_entropy"]
+
+
+# -- fsq and lfq against vector-quantize-pytorch ------------------------------------------
+def _copy_projections(ours, theirs) -> None:
+    ours.project_in.load_state_dict(theirs.project_in.state_dict())
+    ours.project_out.load_state_dict(theirs.project_out.state_dict())
+
+
+@pytest.mark.parametrize("dim", [4, 16], ids=["no-projection", "projected"])
+@pytest.mark.parametrize("levels", [(8, 5, 5, 5), (7, 5, 5, 5, 5), (4, 4, 4, 4)])
+def test_fsq_matches_reference(levels, dim):
+    """fsq: same input and levels (and projections) -> the reference's codes and indices."""
+    from vector_quantize_pytorch import FSQ
+
+    if dim < len(levels) or (dim == 4 and len(levels) != 4):
+        dim = len(levels)
+    torch.manual_seed(0)
+    theirs = FSQ(levels=list(levels), dim=dim)
+    ours = build_quantizer("fsq", dim=dim, codebook_size=math.prod(levels), levels=levels)
+    if dim != len(levels):
+        _copy_projections(ours, theirs)
+    z = 3 * torch.randn(2, 300, dim)
+    with torch.no_grad():
+        ref_q, ref_idx = theirs(z)
+        out = ours(z)
+    assert torch.equal(out.indices, ref_idx.long())
+    assert torch.allclose(out.z_q, ref_q, atol=1e-6)
+    if dim == len(levels):
+        assert torch.allclose(ours.codebook, theirs.implicit_codebook)
+
+
+@pytest.mark.parametrize("k, levels", [(256, (8, 6, 5)), (1024, (8, 5, 5, 5)), (4096, (7, 5, 5, 5, 5)),
+                                       (16384, (8, 8, 8, 6, 5)), (65536, (8, 8, 8, 5, 5, 5))])
+def test_fsq_codebook_size_maps_to_the_papers_levels(k, levels):
+    """fsq: codebook_size 2^8..2^16 gives the FSQ paper's levels (Table 1), every code reachable."""
+    q = build_quantizer("fsq", dim=len(levels), codebook_size=k)
+    assert tuple(q.levels.tolist()) == levels and q.num_codes == math.prod(levels)
+    every = torch.arange(q.num_codes)
+    level = q.codes_of(every) * q.half_width                        # (K, d) integer level of each code
+    half_l = (q.levels - 1) * (1 + 1e-3) / 2                        # invert FSQ.bound at each level
+    offset = (q.levels % 2 == 0) * 0.5
+    z = torch.atanh((level + offset) / half_l) - torch.atanh(offset / half_l)
+    with torch.no_grad():
+        assert torch.equal(q(z).indices, every)
+
+
+@pytest.mark.parametrize("dim, bits", [(6, 6), (16, 6), (8, 10)], ids=["no-projection", "projected", "bits>dim"])
+def test_lfq_matches_reference(dim, bits):
+    """lfq: same input and projections -> the reference's codes and indices (bit order MSB first)."""
+    from vector_quantize_pytorch import LFQ
+
+    torch.manual_seed(0)
+    theirs = LFQ(dim=dim, codebook_size=2**bits).eval()
+    ours = build_quantizer("lfq", dim=dim, codebook_size=2**bits).eval()
+    if dim != bits:
+        _copy_projections(ours, theirs)
+    z = torch.randn(2, 300, dim)
+    with torch.no_grad():
+        ref = theirs(z)
+        out = ours(z)
+    assert torch.equal(out.indices, ref.indices.long())
+    assert torch.allclose(out.z_q, ref.quantized, atol=1e-6)
+    if dim == bits:
+        assert torch.equal(ours.codebook, theirs.codebook)
+
+
+def test_lfq_entropies_match_the_reference_full_softmax():
+    """lfq: the factorized per-sample entropy equals the reference's softmax over all 2^d codes;
+    the batch term bounds the reference's from above, and equals it on a full grid of signs."""
+    from vector_quantize_pytorch import LFQ
+
+    bits = 6
+    theirs = LFQ(dim=bits, codebook_size=2**bits).train()
+    ours = build_quantizer("lfq", dim=bits, codebook_size=2**bits, sample_entropy_weight=1.0,
+                           batch_entropy_weight=1.0).train()
+    signs = torch.tensor([[1.0 if (i >> b) & 1 else -1.0 for b in range(bits)] for i in range(2**bits)])
+    torch.manual_seed(0)
+    for z, exact_batch in ((0.004 * torch.randn(1, 512, bits), False), (0.004 * signs[None], True)):
+        _, parts = theirs(z, return_loss_breakdown=True)
+        losses = ours(z).losses
+        assert losses["sample_entropy"].item() == pytest.approx(parts.per_sample_entropy.item(), rel=1e-3)
+        ours_batch = -losses["batch_entropy"].item()
+        assert ours_batch >= parts.batch_entropy.item() - 1e-4
+        if exact_batch:
+            assert ours_batch == pytest.approx(parts.batch_entropy.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("name, dim, k", [("fsq", 3, 240), ("lfq", 18, 2**18), ("lfq", 64, 2**18)])
+def test_implicit_codebook_metrics_never_list_codes(name, dim, k, monkeypatch):
+    """fsq/lfq: codebook_covariance comes in closed form, without materializing the K codes."""
+    q = build_quantizer(name, dim=dim, codebook_size=k, **({"levels": (8, 6, 5)} if name == "fsq" else {}))
+    monkeypatch.setattr(type(q), "codebook", property(lambda self: pytest.fail("codebook was materialized")))
+    cov = codebook_covariance(q)
+    assert cov.shape == (dim, dim) and torch.isfinite(cov).all()

@@ -133,7 +133,7 @@ BAD = [
     ("unknown dataset", "name: s\nbase: {data: {name: imagenet}}\n", "data.name: 'imagenet' is not one of"),
     ("wrong type", BASE + "sweep: {repeats: two}\n", "sweep.repeats: 'two' is not a valid int"),
     ("empty grid", BASE + "sweep: {grid: {quantizer.codebook_size: []}}\n", "sweep.grid.quantizer.codebook_size: expected a non-empty list"),
-    ("unknown quantizer", BASE + "sweep: {grid: {quantizer.name: [vq, vqq]}}\n", "quantizer.name: 'vqq' is not one of vq, ema, simvq"),
+    ("unknown quantizer", BASE + "sweep: {grid: {quantizer.name: [vq, vqq]}}\n", "quantizer.name: 'vqq' is not one of vq, ema, simvq, cvq, ibq, fsq, lfq"),
     ("grid value wrong type", BASE + "sweep: {grid: {quantizer.codebook_size: [16, big]}}\n", "quantizer.codebook_size: 'big' is not a valid int"),
     ("impossible combination", BASE + "  quantizer: {init: kmeans}\nsweep: {grid: {quantizer.name: [vq, simvq]}}\n", "kmeans needs a learnable codebook"),
     ("missing include", BASE + "sweep: {include: nowhere}\n", "sweep.include: no fragment 'nowhere'"),

@@ -13,19 +13,31 @@ from vqstudy.train import CHECKPOINT_FILE, Diverged, train
 
 from .conftest import tiny_config
 
-METRIC_KEYS = {"step", "recon_mse", "utilization", "perplexity", "normalized_entropy", "dead_codes",
+METRIC_KEYS = {"step", "recon_mse", "utilization", "perplexity", "normalized_entropy", "dead_codes", "num_codes",
                "quant_error", "effective_dim", "codebook_effective_dim", "train_time_s", "samples_per_s"}
+
+
+# tiny_config has K = 32, which FSQ reaches only with explicit levels
+K32_OPTIONS = {"fsq": {"quantizer.levels": [8, 4]}}
 
 
 @pytest.mark.parametrize("name", list(QUANTIZERS))
 def test_smoke_vectors(name):
     """Each quantizer trains on vectors; reports at every eval; metrics finite and in range."""
     reports = []
-    metrics = train(tiny_config(**{"quantizer.name": name}), report=reports.append)
+    metrics = train(tiny_config(**{"quantizer.name": name}, **K32_OPTIONS.get(name, {})), report=reports.append)
     assert [r["step"] for r in reports] == [10, 20] and reports[-1] == metrics
     assert METRIC_KEYS <= metrics.keys() and "psnr" not in metrics
     assert all(torch.isfinite(torch.tensor(float(v))) for v in metrics.values())
+    assert metrics["num_codes"] == 32
     assert 0 < metrics["utilization"] <= 1 and metrics["dead_codes"] == round(32 * (1 - metrics["utilization"]))
+
+
+def test_fsq_metrics_count_its_real_codes():
+    """fsq at codebook_size 1024 has the paper's 8*5*5*5 = 1000 codes; utilization is over those."""
+    metrics = train(tiny_config(**{"quantizer.name": "fsq", "quantizer.codebook_size": 1024}))
+    assert metrics["num_codes"] == 1000
+    assert metrics["dead_codes"] == round(1000 * (1 - metrics["utilization"]))
 
 
 def test_smoke_images_and_loss_decreases():

@@ -58,12 +58,24 @@ class QuantizerConfig:
     name: str = _f("vq", doc="quantizer (see `vqstudy list`)")
     codebook_size: int = _f(512, doc="K, the number of codes", min=2)
     beta: float = _f(0.25, doc="weight of the commitment loss", min=0.0)
-    init: str = _f("random", doc="codebook init of vq/ema", choices=("random", "kmeans"))
+    codebook_weight: float = _f(1.0, doc="vq/simvq/cvq/ibq: weight of the codebook loss", min=0.0)
+    init: str = _f("random", doc="codebook init of the learnable codebooks (vq, ema, cvq, ibq)",
+                   choices=("random", "kmeans"))
     warmup_steps: int = _f(0, doc="steps trained as a continuous autoencoder before quantizing", min=0)
     kmeans_iters: int = _f(10, doc="Lloyd iterations of the k-means init", min=1)
     rotation_trick: bool = _f(False, doc="rotation-trick gradient estimator instead of straight-through")
-    decay: float = _f(0.99, doc="ema: decay of the codebook moving averages", min=0.0, max=1.0, min_exclusive=True)
+    decay: float = _f(0.99, doc="ema: decay of the codebook moving averages; cvq: of the code-usage average",
+                      min=0.0, max=1.0, min_exclusive=True)
     dead_code_threshold: float = _f(0.0, doc="ema: restart codes whose EMA usage falls below this (0 = off)", min=0.0)
+    distance: str = _f("cos", doc="cvq: distance of the code search and anchors", choices=("cos", "l2"))
+    anchor: str = _f("probrandom", doc="cvq: batch feature a rarely used code is pulled to",
+                     choices=("probrandom", "closest", "random"))
+    levels: tuple[int, ...] | None = _f(None, doc="fsq: levels per channel, e.g. [8, 5, 5, 5]; null = the FSQ "
+                                        "paper's levels for codebook_size", min=3)
+    sample_entropy_weight: float = _f(0.1, doc="lfq/ibq: weight of the per-sample entropy (minimized)", min=0.0)
+    batch_entropy_weight: float = _f(0.1, doc="lfq/ibq: weight of the batch (codebook) entropy (maximized)", min=0.0)
+    entropy_temperature: float = _f(0.01, doc="lfq/ibq: temperature of the soft assignment the entropies use",
+                                    min=0.0, min_exclusive=True)
 
 
 @dataclass
@@ -222,7 +234,17 @@ def _cast(value: Any, tp: type) -> Any:
         if isinstance(value, str) and value:
             return value
         raise ValueError
+    if typing.get_origin(tp) is tuple:  # tuple[int, ...]
+        if isinstance(value, str):
+            value = [v for v in value.strip().strip("[]()").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError
+        return tuple(_cast(v.strip() if isinstance(v, str) else v, typing.get_args(tp)[0]) for v in value)
     raise TypeError(f"unsupported field type {tp}")
+
+
+def _type_name(tp) -> str:
+    return f"list of {typing.get_args(tp)[0].__name__}" if typing.get_origin(tp) is tuple else tp.__name__
 
 
 def coerce(key: str, value: Any, source: str = "config") -> Any:
@@ -232,26 +254,32 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
     if value is None or (nullable and isinstance(value, str) and value.lower() in _NONE_WORDS):
         if nullable:
             return None
-        raise ConfigError(f"{source}: {key}: a value is required ({tp.__name__})")
+        raise ConfigError(f"{source}: {key}: a value is required ({_type_name(tp)})")
     try:
         value = _cast(value, tp)
     except (ValueError, TypeError):
-        raise ConfigError(f"{source}: {key}: {value!r} is not a valid {tp.__name__}"
+        raise ConfigError(f"{source}: {key}: {value!r} is not a valid {_type_name(tp)}"
                           f"{' or null' if nullable else ''}") from None
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{source}: {key}: {value!r} is not one of {', '.join(meta['choices'])}")
+    for v in value if isinstance(value, tuple) else (value,):
+        _check_range(key, v, meta, source, "every value " if isinstance(value, tuple) else "")
+    return value
+
+
+def _check_range(key: str, value: Any, meta: dict, source: str, which: str) -> None:
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
         op = ">" if meta.get("min_exclusive") else ">="
-        raise ConfigError(f"{source}: {key}: {value!r} is out of range (must be {op} {lo})")
+        raise ConfigError(f"{source}: {key}: {value!r} is out of range ({which}must be {op} {lo})")
     if hi is not None and value > hi:
-        raise ConfigError(f"{source}: {key}: {value!r} is out of range (must be <= {hi})")
-    return value
+        raise ConfigError(f"{source}: {key}: {value!r} is out of range ({which}must be <= {hi})")
 
 
 def validate(cfg: TrialConfig, source: str = "config") -> None:
     """Rules that span fields or need a registry: names known, combinations possible."""
+    from .implicit_codebooks import fsq_levels, lfq_bits
     from .registry import DATASETS, QUANTIZERS
 
     q = cfg.quantizer
@@ -262,6 +290,10 @@ def validate(cfg: TrialConfig, source: str = "config") -> None:
     if q.init == "kmeans" and not _supports_kmeans(q.name):
         allowed = ", ".join(n for n in QUANTIZERS if _supports_kmeans(n))
         raise ConfigError(f"{source}: quantizer.init: kmeans needs a learnable codebook ({allowed}), not {q.name}")
+    if q.name == "fsq":
+        fsq_levels(q.codebook_size, q.levels, source)
+    if q.name == "lfq":
+        lfq_bits(q.codebook_size, source)
     if q.warmup_steps >= cfg.train.steps:
         raise ConfigError(f"{source}: quantizer.warmup_steps: {q.warmup_steps} leaves no quantized steps "
                           f"(must be < train.steps = {cfg.train.steps})")

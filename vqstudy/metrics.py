@@ -5,6 +5,8 @@ exactly the regime the scaling studies probe, so `EvalAccumulator` streams every
 batch into code counts and second moments, and the pure functions below turn those into:
 
 - `utilization`: fraction of the K codes used at least once;  `dead_codes`: K - used;
+  `num_codes`: K itself, as the quantizer has it (FSQ: the product of its levels, e.g.
+  1000 for `codebook_size` 1024); codes are counted by index, never by distance;
 - `perplexity` = exp(H) of the code distribution; `normalized_entropy` = H / log K;
 - `quant_error`: mean ||z_e - z_q||^2 per vector; `recon_mse`: mean squared error per element;
 - `psnr`: mean over images of 10 log10(1 / mse) (pixels in [0, 1]);
@@ -61,6 +63,13 @@ def effective_dim(x: Tensor, covered: float = VARIANCE_COVERED) -> float:
     return effective_dim_from_cov(covariance(x), covered)
 
 
+def codebook_covariance(quantizer) -> Tensor:
+    """(D, D) covariance of a quantizer's codes, uniform over all K: in closed form for the
+    implicit codebooks (FSQ, LFQ: no K x D matrix at K = 2^18), else from the codes."""
+    implicit = getattr(quantizer, "implicit_covariance", None)
+    return implicit() if implicit is not None else covariance(quantizer.codebook.detach())
+
+
 def psnr(mse_per_image: Tensor) -> float:
     """Mean PSNR in dB of images in [0, 1], from their per-image MSEs."""
     return float((10 * torch.log10(1 / mse_per_image.double().clamp_min(1e-10))).mean())
@@ -101,13 +110,15 @@ class EvalAccumulator:
         mean = self.z_sum / n
         return (self.z_outer - n * torch.outer(mean, mean)) / max(n - 1, 1)
 
-    def compute(self, codebook: Tensor) -> dict[str, float]:
+    def compute(self, codebook_cov: Tensor) -> dict[str, float]:
+        """The metrics, given the (D, D) covariance of the codes (`codebook_covariance`)."""
         metrics = {
             "recon_mse": self.recon_sq / self.n_elements,
             **code_usage(self.counts),
+            "num_codes": self.counts.numel(),
             "quant_error": self.quant_sq / self.n_vectors,
             "effective_dim": effective_dim_from_cov(self.encoder_covariance()),
-            "codebook_effective_dim": effective_dim(codebook.detach()),
+            "codebook_effective_dim": effective_dim_from_cov(codebook_cov),
         }
         if self.images:
             metrics["psnr"] = self.psnr_sum / self.n_examples

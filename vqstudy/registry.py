@@ -38,6 +38,10 @@ QUANTIZERS = Registry({
     "vq": "vqstudy.quantizers.vq:VQ",
     "ema": "vqstudy.quantizers.ema:EMAVQ",
     "simvq": "vqstudy.quantizers.simvq:SimVQ",
+    "cvq": "vqstudy.quantizers.cvq:CVQ",
+    "ibq": "vqstudy.quantizers.ibq:IBQ",
+    "fsq": "vqstudy.quantizers.fsq:FSQ",
+    "lfq": "vqstudy.quantizers.lfq:LFQ",
 })
 
 DATASETS = Registry({

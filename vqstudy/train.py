@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .config import TrialConfig
 from .data import Dataset, load_dataset, to_float
-from .metrics import EvalAccumulator
+from .metrics import EvalAccumulator, codebook_covariance
 from .models import VQAutoencoder, build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -74,7 +74,7 @@ def collect_latents(model: VQAutoencoder, x: torch.Tensor, n: int, batch_size: i
 def eval_pass(model: VQAutoencoder, data: Dataset, cfg: TrialConfig, device, quantize: bool = True) -> EvalAccumulator:
     """One pass over the whole eval set, accumulated (code counts, moments, errors)."""
     model.eval()
-    acc = EvalAccumulator(cfg.quantizer.codebook_size, cfg.model.latent_dim, data.kind == "image", device)
+    acc = EvalAccumulator(model.quantizer.num_codes, cfg.model.latent_dim, data.kind == "image", device)
     for i in range(0, data.eval.shape[0], cfg.train.eval_batch_size):
         x = to_float(data.eval[i:i + cfg.train.eval_batch_size]).to(device)
         z_e = model.encode(x)
@@ -90,7 +90,7 @@ def evaluate(model: VQAutoencoder, data: Dataset, cfg: TrialConfig, device, quan
     """Metrics over the whole eval set (see metrics.py). During deferred quantization's
     warmup (quantize=False) the decoder sees z_e, and the code metrics are those the
     current codebook would give."""
-    return eval_pass(model, data, cfg, device, quantize).compute(model.quantizer.codebook)
+    return eval_pass(model, data, cfg, device, quantize).compute(codebook_covariance(model.quantizer))
 
 
 def checkpoint_step(checkpoint_dir: str | Path) -> int | None:

@@ -24,7 +24,7 @@ from ..tracking import FAILURE_TAG, PARENT_TAG, STOPPED_TAG, STUDY_TAG, TRIAL_TA
 # Final metrics exported (those a trial logs); integers where the value is a count.
 METRIC_COLUMNS = {
     "recon_mse": pa.float64(), "psnr": pa.float64(), "utilization": pa.float64(),
-    "perplexity": pa.float64(), "normalized_entropy": pa.float64(), "dead_codes": pa.int64(),
+    "perplexity": pa.float64(), "normalized_entropy": pa.float64(), "dead_codes": pa.int64(), "num_codes": pa.int64(),
     "quant_error": pa.float64(), "effective_dim": pa.float64(), "codebook_effective_dim": pa.float64(),
     "train_loss": pa.float64(), "train_time_s": pa.float64(), "samples_per_s": pa.float64(),
     "reporting_time_s": pa.float64(), "artifacts_time_s": pa.float64(),
@@ -34,7 +34,8 @@ RECORD_COLUMNS = {
     "stopped_early_at_step": pa.int64(), "mlflow_run_id": pa.string(), "runtime_s": pa.float64(),
     "steps": pa.int64(),
 }
-_ARROW = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string()}
+_ARROW = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string(),
+          tuple[int, ...]: pa.list_(pa.int64())}
 
 
 def config_columns() -> dict[str, pa.DataType]:

@@ -2,8 +2,10 @@
 
 Every entry is a module built as `cls(dim, codebook_size, **options)` whose
 `forward(z)` takes channel-last z (..., D) and returns `QuantOut(z_q, indices, losses)`,
-whose `decode(indices)` gives back z_q, and whose `codebook` property returns the
-materialized codes (K, D). Entries with `init_from_data` accept k-means init.
+whose `decode(indices)` gives back z_q, whose `num_codes` is the size of its codebook
+(FSQ: the product of its levels) and whose `codebook` property returns the materialized
+codes (K, D). Implicit codebooks (FSQ, LFQ) also give `implicit_covariance()`, so that
+metrics never list their codes. Entries with `init_from_data` accept k-means init.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 # Nearest-code search works on row blocks whose (rows, K) distance block holds at most this
 # many floats (128 MiB): K = 262,144 then needs 128 rows a block instead of a 4 GiB matrix.
@@ -23,14 +23,16 @@ class QuantOut(NamedTuple):
 
 
 @torch.no_grad()
-def nearest_code(z: Tensor, codebook: Tensor, block_elements: int = SEARCH_BLOCK_ELEMENTS) -> Tensor:
-    """Index of the nearest code (L2) for each row of z, never holding the full N x K matrix.
+def nearest_code(z: Tensor, codebook: Tensor, block_elements: int = SEARCH_BLOCK_ELEMENTS, *,
+                 inner_product: bool = False) -> Tensor:
+    """Index of the nearest code (L2) for each row of z, never holding the full N x K matrix;
+    with `inner_product`, of the code with the largest z.c_k instead (IBQ's logits).
 
     argmin_k ||z - c_k||^2 = argmin_k (||c_k||^2 - 2 z.c_k): ||z||^2 is constant per row.
     """
     z, codebook = z.float(), codebook.float()          # z (N, D), codebook (K, D)
     n, k = z.shape[0], codebook.shape[0]
-    c_sq = codebook.pow(2).sum(1)                       # (K,)
+    c_sq = codebook.new_zeros(k) if inner_product else codebook.pow(2).sum(1)  # (K,)
     rows = max(1, block_elements // k)
     out = torch.empty(n, dtype=torch.long, device=z.device)
     for i in range(0, n, rows):
@@ -80,13 +82,32 @@ def estimate_gradient(z: Tensor, q: Tensor, use_rotation: bool) -> Tensor:
     return rotation_trick(z, q) if use_rotation else straight_through(z, q)
 
 
-def vq_losses(z: Tensor, q: Tensor, beta: float, codebook_term: bool = True) -> dict[str, Tensor]:
-    """VQ-VAE's two terms: `codebook` moves codes to encoder outputs (weight 1),
-    `commitment` keeps encoder outputs near their codes (weight beta)."""
+def vq_losses(z: Tensor, q: Tensor, beta: float, codebook_weight: float | None = 1.0) -> dict[str, Tensor]:
+    """VQ-VAE's two terms: `codebook` moves codes to encoder outputs (weight 1 in the paper;
+    None: no such term, as for EMA codebooks), `commitment` keeps encoder outputs near their
+    codes (weight beta)."""
     losses = {"commitment": beta * F.mse_loss(z, q.detach())}
-    if codebook_term:
-        losses["codebook"] = F.mse_loss(q, z.detach())
+    if codebook_weight is not None:
+        losses["codebook"] = codebook_weight * F.mse_loss(q, z.detach())
     return losses
+
+
+def entropy_losses(logits: Tensor, temperature: float, sample_weight: float, batch_weight: float) -> dict[str, Tensor]:
+    """MAGVIT-v2's entropy penalty ("Language Model Beats Diffusion", Yu et al. 2023) on the
+    soft assignment p = softmax(logits / temperature): the per-sample entropy is minimized
+    (confident assignments), the entropy of the batch-mean assignment maximized (all codes used).
+
+    logits (N, F, C): F independent factors of C choices each. IBQ has one factor of K codes;
+    LFQ's softmax over its 2^d codes factorizes into d binary factors, for which the
+    per-sample entropy is the sum over factors exactly and the batch term is the sum of the
+    factors' batch entropies (an upper bound of the joint one, as in BSQ, Zhao et al. 2024).
+    """
+    log_p = (logits.float() / temperature).log_softmax(-1)            # (N, F, C)
+    p = log_p.exp()
+    sample = -(p * log_p).sum(-1).sum(-1).mean()                         # mean over N of sum over F
+    mean_p = p.mean(0)                                                    # (F, C)
+    batch = -(mean_p * mean_p.clamp_min(1e-30).log()).sum()
+    return {"sample_entropy": sample_weight * sample, "batch_entropy": -batch_weight * batch}
 
 
 def ema_inplace(average: Tensor, new: Tensor, decay: float) -> None:
@@ -116,3 +137,19 @@ def kmeans(x: Tensor, k: int, iters: int = 10) -> Tensor:
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled, None]
     return centroids
+
+
+# -- implicit codebooks (FSQ, LFQ): a d-channel grid between two projections ----------------
+def projection(dim: int, d: int) -> tuple[nn.Module, nn.Module]:
+    """Linear maps D -> d and d -> D around a d-channel quantizer (identities when D == d)."""
+    if dim == d:
+        return nn.Identity(), nn.Identity()
+    return nn.Linear(dim, d), nn.Linear(d, dim)
+
+
+def projected_covariance(channel_cov: Tensor, project_out: nn.Module) -> Tensor:
+    """(D, D) covariance of project_out(c) for codes c with (d, d) covariance `channel_cov`."""
+    if isinstance(project_out, nn.Identity):
+        return channel_cov
+    w = project_out.weight.detach().double()            # (D, d)
+    return w @ channel_cov @ w.t()

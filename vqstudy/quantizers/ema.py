@@ -17,6 +17,7 @@ class EMAVQ(nn.Module):
                  dead_code_threshold: float = 0.0, rotation_trick: bool = False, eps: float = 1e-5):
         super().__init__()
         self.beta, self.decay, self.eps = beta, decay, eps
+        self.num_codes = codebook_size
         self.dead_code_threshold = dead_code_threshold
         self.rotation_trick = rotation_trick
         embedding = torch.randn(codebook_size, dim)
@@ -34,7 +35,7 @@ class EMAVQ(nn.Module):
         flat, idx, q = lookup(z, self.embedding)       # flat (N, D), idx (N,), q like z (old codes)
         if self.training:
             self._update(flat.detach().float(), idx)
-        return quant_out(z, q, idx, vq_losses(z, q, self.beta, codebook_term=False), self.rotation_trick)
+        return quant_out(z, q, idx, vq_losses(z, q, self.beta, codebook_weight=None), self.rotation_trick)
 
     @torch.no_grad()
     def _update(self, flat: Tensor, idx: Tensor) -> None:

@@ -16,10 +16,11 @@ from ._common import QuantOut, nearest_code, quant_out, vq_losses
 
 
 class SimVQ(nn.Module):
-    def __init__(self, dim: int, codebook_size: int, *, beta: float = 0.25,
+    def __init__(self, dim: int, codebook_size: int, *, beta: float = 0.25, codebook_weight: float = 1.0,
                  rotation_trick: bool = False):
         super().__init__()
-        self.beta = beta
+        self.beta, self.codebook_weight = beta, codebook_weight
+        self.num_codes = codebook_size
         self.rotation_trick = rotation_trick
         self.register_buffer("frozen_codebook", torch.randn(codebook_size, dim) * dim**-0.5)  # C (K, D)
         self.proj = nn.Linear(dim, dim, bias=False)                                          # W
@@ -33,7 +34,7 @@ class SimVQ(nn.Module):
         with torch.no_grad():                            # the search needs all K codes, not their gradient
             idx = nearest_code(flat, self.codebook)     # (N,)
         q = self.decode(idx).view_as(z)                 # C[idx] W: gradient reaches W through N rows, not K
-        return quant_out(z, q, idx, vq_losses(z, q, self.beta), self.rotation_trick)
+        return quant_out(z, q, idx, vq_losses(z, q, self.beta, self.codebook_weight), self.rotation_trick)
 
     def decode(self, indices: Tensor) -> Tensor:
         return self.proj(F.embedding(indices, self.frozen_codebook))

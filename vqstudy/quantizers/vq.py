@@ -14,10 +14,11 @@ from ._common import QuantOut, kmeans, lookup, quant_out, vq_losses
 
 
 class VQ(nn.Module):
-    def __init__(self, dim: int, codebook_size: int, *, beta: float = 0.25,
+    def __init__(self, dim: int, codebook_size: int, *, beta: float = 0.25, codebook_weight: float = 1.0,
                  rotation_trick: bool = False):
         super().__init__()
-        self.beta = beta
+        self.beta, self.codebook_weight = beta, codebook_weight
+        self.num_codes = codebook_size
         self.rotation_trick = rotation_trick
         # uniform(-1/K, 1/K), the init of the original VQ-VAE code
         weight = torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size)
@@ -29,7 +30,7 @@ class VQ(nn.Module):
 
     def forward(self, z: Tensor) -> QuantOut:
         _, idx, q = lookup(z, self.embedding)          # idx (N,), q like z
-        return quant_out(z, q, idx, vq_losses(z, q, self.beta), self.rotation_trick)
+        return quant_out(z, q, idx, vq_losses(z, q, self.beta, self.codebook_weight), self.rotation_trick)
 
     def decode(self, indices: Tensor) -> Tensor:
         return F.embedding(indices, self.embedding)

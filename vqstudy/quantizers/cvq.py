@@ -1,0 +1,84 @@
+"""`cvq`: "Online Clustered Codebook" (CVQ-VAE, Zheng & Vedaldi, ICCV 2023, arXiv 2307.15139;
+reference code lyndonzheng/CVQ-VAE).
+
+A VQ-VAE codebook (same losses) plus online clustering: each training step every code is
+pulled toward an anchor, a feature sampled from the batch's encoder outputs, with strength
+alpha_k = exp(-10 K p_k / (1 - decay) - 1e-3), where p_k is an EMA (`decay`) of code k's
+share of the assignments. A used code (p_k ~ 1/K or more) has alpha ~ e^-1000 and keeps
+its place; a dead code (p_k -> 0) has alpha -> 1 and jumps onto the data, so codes cannot
+stay dead. `distance` (cos, the reference default, or l2) serves both the code search
+and the anchor choice; `anchor`: `closest` (the batch feature nearest each code),
+`probrandom` (a feature sampled per code with probability softmax over the batch of its
+similarity to the code; the reference default) or `random` (uniform batch features; the
+reference draws them from a feature pool across batches). Every step is chunked over K.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import (SEARCH_BLOCK_ELEMENTS, QuantOut, ema_inplace, kmeans, nearest_code, quant_out,
+                      sample_rows, vq_losses)
+
+
+class CVQ(nn.Module):
+    def __init__(self, dim: int, codebook_size: int, *, beta: float = 0.25, codebook_weight: float = 1.0,
+                 decay: float = 0.99, distance: str = "cos", anchor: str = "probrandom",
+                 rotation_trick: bool = False):
+        super().__init__()
+        self.beta, self.codebook_weight, self.decay = beta, codebook_weight, decay
+        self.distance, self.anchor, self.rotation_trick = distance, anchor, rotation_trick
+        self.num_codes = codebook_size
+        weight = torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size)
+        self.embedding = nn.Parameter(weight)                              # (K, D), the reference's init
+        self.register_buffer("usage", torch.zeros(codebook_size))          # (K,) p_k, EMA of assignment shares
+
+    @property
+    def codebook(self) -> Tensor:
+        return self.embedding
+
+    def _space(self, x: Tensor) -> Tensor:
+        """Where distances are taken: on the unit sphere for cosine (argmax cos = argmin L2 there)."""
+        return F.normalize(x, dim=-1) if self.distance == "cos" else x
+
+    def forward(self, z: Tensor) -> QuantOut:
+        flat = z.reshape(-1, z.shape[-1]).detach().float()               # (N, D)
+        idx = nearest_code(self._space(flat), self._space(self.embedding.detach()))
+        q = F.embedding(idx, self.embedding).view_as(z)                   # the raw codes, also under cosine
+        out = quant_out(z, q, idx, vq_losses(z, q, self.beta, self.codebook_weight), self.rotation_trick)
+        if self.training:
+            self._cluster(flat, idx)
+        return out
+
+    @torch.no_grad()
+    def _cluster(self, feats: Tensor, idx: Tensor) -> None:
+        """Pull each code toward its anchor by alpha_k (after z_q was taken: the step's
+        gradient still goes to the codes it used)."""
+        k = self.num_codes
+        ema_inplace(self.usage, torch.bincount(idx, minlength=k).float() / idx.numel(), self.decay)
+        alpha = torch.exp(-self.usage * k * 10 / (1 - self.decay) - 1e-3)  # (K,)
+        self.embedding.lerp_(self._anchors(feats), alpha[:, None])
+
+    def _anchors(self, feats: Tensor) -> Tensor:
+        """One batch feature per code, (K, D)."""
+        if self.anchor == "random":
+            return sample_rows(feats, self.num_codes)
+        codes, x = self._space(self.embedding.detach().float()), self._space(feats)
+        if self.anchor == "closest":
+            return feats[nearest_code(codes, x)]
+        picks = torch.empty(self.num_codes, dtype=torch.long, device=feats.device)
+        rows = max(1, SEARCH_BLOCK_ELEMENTS // feats.shape[0])
+        for i in range(0, self.num_codes, rows):                           # probrandom, (rows, N) at a time
+            block = codes[i:i + rows]
+            sim = block @ x.t() if self.distance == "cos" else -torch.cdist(block, x).square()
+            picks[i:i + rows] = torch.multinomial(sim.softmax(1), 1).squeeze(1)
+        return feats[picks]
+
+    def decode(self, indices: Tensor) -> Tensor:
+        return F.embedding(indices, self.embedding)
+
+    @torch.no_grad()
+    def init_from_data(self, z: Tensor, iters: int = 10) -> None:
+        """k-means-initialize the codebook on encoder outputs z, (N, D)."""
+        self.embedding.copy_(kmeans(z, self.num_codes, iters))
