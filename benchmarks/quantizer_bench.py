@@ -3,9 +3,12 @@
 For N encoder outputs of dimension D and K codes, each cell times one training step of the
 quantizer alone (forward + backward of z_q and its losses) and records its peak memory:
   - floor: the bare distance matmul + argmin of the same shape (the least any exact VQ can do);
-  - ours:  vqstudy's `vq`, `ema`, `simvq` (chunked nearest-code search);
+  - ours:  every vqstudy quantizer: `vq`, `ema`, `simvq`, `cvq` (chunked nearest-code search),
+           `ibq` (row-blocked soft assignment), `fsq`, `lfq` (no search at all);
   - peer:  vector-quantize-pytorch's `VectorQuantize` (learnable codebook for vq, its default
-           EMA for ema) and `SimVQ` (straight-through, as ours).
+           EMA for ema), `SimVQ` (straight-through, as ours), `FSQ` (the same levels as ours)
+           and `LFQ` (its entropy over all 2^d codes; ours factorizes it). That package has
+           no CVQ or IBQ, so those two are compared with the floor only.
 Each cell runs in a fresh subprocess so that its peak memory is its own (CUDA: peak allocated;
 CPU: peak RSS above the RSS before the step). Targets (issue 2): vq and simvq within 1.5x the
 floor at K = 65,536; peak memory <= 1.5 GB at K = 262,144.
@@ -21,7 +24,8 @@ import subprocess
 import sys
 import time
 
-METHODS = ["floor", "vq", "peer:vq", "ema", "peer:ema", "simvq", "peer:simvq"]
+METHODS = ["floor", "vq", "peer:vq", "ema", "peer:ema", "simvq", "peer:simvq", "cvq", "ibq",
+           "fsq", "peer:fsq", "lfq", "peer:lfq"]
 
 
 def build(method: str, dim: int, k: int):
@@ -29,11 +33,17 @@ def build(method: str, dim: int, k: int):
     if method == "floor":
         return None
     if method.startswith("peer:"):
-        from vector_quantize_pytorch import SimVQ, VectorQuantize
+        from vector_quantize_pytorch import FSQ, LFQ, SimVQ, VectorQuantize
+
+        from vqstudy.implicit_codebooks import FSQ_LEVELS
 
         name = method[5:]
         if name == "simvq":
             return SimVQ(dim=dim, codebook_size=k, rotation_trick=False)
+        if name == "fsq":
+            return FSQ(levels=list(FSQ_LEVELS[k]), dim=dim)
+        if name == "lfq":
+            return LFQ(dim=dim, codebook_size=k, commitment_loss_weight=0.25)
         if name == "vq":
             return VectorQuantize(dim=dim, codebook_size=k, learnable_codebook=True, ema_update=False)
         return VectorQuantize(dim=dim, codebook_size=k)      # EMA by default
@@ -55,8 +65,9 @@ def step_fn(method: str, module, z, codebook):
     def step():
         z.grad = None
         if method.startswith("peer:"):
-            z_q, _, loss = module(z[None])                         # peer wants (B, N, D)
-            total = z_q.square().mean() + loss.sum()
+            result = module(z[None])                                # peer wants (B, N, D)
+            loss = result[2].sum() if len(result) > 2 else 0        # FSQ returns (z_q, indices)
+            total = result[0].square().mean() + loss
         else:
             out = module(z)
             total = out.z_q.square().mean() + sum(out.losses.values())

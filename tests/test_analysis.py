@@ -103,7 +103,8 @@ def fake_store(tmp_path, n=6):
     exp = tracking.ensure_experiment(uri, "fake", tmp_path / "mlartifacts")
     parent = tracking.start_parent(uri, exp, "fake", {tracking.STUDY_TAG: "fake"}, {})
     for i in range(n):
-        cfg = TrialConfig().with_overrides([f"quantizer.codebook_size={16 * 2 ** i}", f"train.seed={i % 2}"])
+        cfg = TrialConfig().with_overrides([f"quantizer.codebook_size={16 * 2 ** i}", f"train.seed={i % 2}"]
+                                           + (["quantizer.levels=8,4"] if i == 1 else []))
         run = tracking.TrialRun.open(uri, exp, parent, f"t{i:02d}", f"t{i}", cfg.to_flat(), {tracking.STUDY_TAG: "fake"})
         for step in (100, 200):
             run.log_metrics({"step": step, "recon_mse": 1 / (i + step), "utilization": 0.5, "dead_codes": 7,
@@ -127,6 +128,8 @@ def test_export_columns_and_dtypes(tmp_path):
     df = table.to_pandas()
     assert df["quantizer.codebook_size"].tolist() == [16, 32, 64, 128, 256, 512]
     assert df["data.num_train"].isna().all()                         # null in the config stays null
+    assert types["quantizer.levels"] == pa.list_(pa.int64())
+    assert [None if v is None else list(v) for v in df["quantizer.levels"]] == [None, [8, 4], None, None, None, None]
     assert df["steps"].tolist() == [200] * 6 and df["recon_mse"][0] == pytest.approx(1 / 200)
     assert df["status"].tolist() == ["FINISHED"] * 3 + ["FAILED"] + ["FINISHED"] * 2
     assert df["diverged"].tolist() == [False, False, False, True, False, False]

@@ -235,6 +235,16 @@ def test_cvq_dead_codes_move_onto_batch_features(distance, anchor):
     assert torch.allclose(after[busiest], before[busiest], atol=1e-6)
 
 
+def test_cvq_healthy_codebook_skips_the_anchor_search(monkeypatch):
+    """cvq: when every code is in use (alpha ~ e^-1000), no anchors are drawn and no code moves."""
+    q = make("cvq")
+    q.usage.fill_(1 / K)
+    before = q.embedding.detach().clone()
+    monkeypatch.setattr(q, "_anchors", lambda *a: pytest.fail("anchors drawn for codes that cannot move"))
+    q(torch.randn(64, D))
+    assert torch.equal(q.embedding, before)
+
+
 def test_cvq_leaves_codes_alone_in_eval_and_searches_by_cosine():
     """cvq: eval changes nothing; with cosine distance the code is the one of largest cosine."""
     q = make("cvq").eval()

@@ -74,7 +74,8 @@ class Interrupt(Exception):
     {"quantizer.name": "vq", "quantizer.init": "kmeans", "quantizer.warmup_steps": 15},
     {"quantizer.name": "ema", "quantizer.dead_code_threshold": 0.5},
     {"quantizer.name": "simvq", "quantizer.rotation_trick": True},
-], ids=["vq-deferred-kmeans", "ema-restarts", "simvq-rotation"])
+    {"quantizer.name": "cvq", "quantizer.anchor": "probrandom"},
+], ids=["vq-deferred-kmeans", "ema-restarts", "simvq-rotation", "cvq-sampled-anchors"])
 def test_checkpoint_resume_equals_uninterrupted(overrides, tmp_path):
     """Killed after a checkpoint, then resumed: the final metrics equal an uninterrupted run."""
     cfg = tiny_config(**{"train.steps": 40, **overrides})

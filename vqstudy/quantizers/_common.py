@@ -1,5 +1,6 @@
 """Math every quantizer shares, written once: the output contract, chunked nearest-code
-search, the straight-through and rotation-trick gradient estimators, k-means and EMA.
+search, the straight-through and rotation-trick gradient estimators, the VQ and entropy
+losses, k-means and EMA, and the projections around the implicit codebooks (FSQ, LFQ).
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ stay dead. `distance` (cos, the reference default, or l2) serves both the code s
 and the anchor choice; `anchor`: `closest` (the batch feature nearest each code),
 `probrandom` (a feature sampled per code with probability softmax over the batch of its
 similarity to the code; the reference default) or `random` (uniform batch features; the
-reference draws them from a feature pool across batches). Every step is chunked over K.
+reference draws them from a feature pool across batches). Every step is chunked over K,
+and codes too used to move (alpha below float32 resolution) skip the anchor search.
 """
 from __future__ import annotations
 
@@ -54,22 +55,28 @@ class CVQ(nn.Module):
     @torch.no_grad()
     def _cluster(self, feats: Tensor, idx: Tensor) -> None:
         """Pull each code toward its anchor by alpha_k (after z_q was taken: the step's
-        gradient still goes to the codes it used)."""
+        gradient still goes to the codes it used). Codes whose alpha is below float32
+        resolution (used at more than ~1/60,000 of the uniform rate) would not move: they
+        get no anchor, which makes a healthy codebook's step cheap."""
         k = self.num_codes
         ema_inplace(self.usage, torch.bincount(idx, minlength=k).float() / idx.numel(), self.decay)
         alpha = torch.exp(-self.usage * k * 10 / (1 - self.decay) - 1e-3)  # (K,)
-        self.embedding.lerp_(self._anchors(feats), alpha[:, None])
+        pulled = (alpha > torch.finfo(torch.float32).eps / 2).nonzero().squeeze(1)
+        if pulled.numel():
+            codes = self.embedding[pulled]
+            self.embedding[pulled] = codes.lerp(self._anchors(codes, feats), alpha[pulled, None])
 
-    def _anchors(self, feats: Tensor) -> Tensor:
-        """One batch feature per code, (K, D)."""
+    def _anchors(self, codes: Tensor, feats: Tensor) -> Tensor:
+        """One batch feature per code, (M, D) for codes (M, D)."""
+        m = codes.shape[0]
         if self.anchor == "random":
-            return sample_rows(feats, self.num_codes)
-        codes, x = self._space(self.embedding.detach().float()), self._space(feats)
+            return sample_rows(feats, m)
+        codes, x = self._space(codes.float()), self._space(feats)
         if self.anchor == "closest":
             return feats[nearest_code(codes, x)]
-        picks = torch.empty(self.num_codes, dtype=torch.long, device=feats.device)
+        picks = torch.empty(m, dtype=torch.long, device=feats.device)
         rows = max(1, SEARCH_BLOCK_ELEMENTS // feats.shape[0])
-        for i in range(0, self.num_codes, rows):                           # probrandom, (rows, N) at a time
+        for i in range(0, m, rows):                                        # probrandom, (rows, N) at a time
             block = codes[i:i + rows]
             sim = block @ x.t() if self.distance == "cos" else -torch.cdist(block, x).square()
             picks[i:i + rows] = torch.multinomial(sim.softmax(1), 1).squeeze(1)
