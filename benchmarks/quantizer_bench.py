@@ -4,7 +4,8 @@ For N encoder outputs of dimension D and K codes, each cell times one training s
 quantizer alone (forward + backward of z_q and its losses) and records its peak memory:
   - floor: the bare distance matmul + argmin of the same shape (the least any exact VQ can do);
   - ours:  every vqstudy quantizer: `vq`, `ema`, `simvq`, `cvq` (chunked nearest-code search),
-           `ibq` (row-blocked soft assignment), `fsq`, `lfq` (no search at all);
+           `ibq` (row-blocked soft assignment), `fsq`, `lfq` (no search at all; its joint batch
+           entropy visits all 2^d codes in blocks, `lfq/factorized` sums over bits instead);
   - peer:  vector-quantize-pytorch's `VectorQuantize` (learnable codebook for vq, its default
            EMA for ema), `SimVQ` (straight-through, as ours), `FSQ` (the same levels as ours)
            and `LFQ` (its entropy over all 2^d codes; ours factorizes it). That package has
@@ -25,7 +26,7 @@ import sys
 import time
 
 METHODS = ["floor", "vq", "peer:vq", "ema", "peer:ema", "simvq", "peer:simvq", "cvq", "ibq",
-           "fsq", "peer:fsq", "lfq", "peer:lfq"]
+           "fsq", "peer:fsq", "lfq", "lfq/factorized", "peer:lfq"]
 
 
 def build(method: str, dim: int, k: int):
@@ -49,7 +50,8 @@ def build(method: str, dim: int, k: int):
         return VectorQuantize(dim=dim, codebook_size=k)      # EMA by default
     from vqstudy.quantizers import build_quantizer
 
-    return build_quantizer(method, dim=dim, codebook_size=k)
+    name, _, batch_entropy = method.partition("/")                 # e.g. lfq/factorized
+    return build_quantizer(name, dim=dim, codebook_size=k, **({"batch_entropy": batch_entropy} if batch_entropy else {}))
 
 
 def step_fn(method: str, module, z, codebook):

@@ -404,24 +404,42 @@ def test_lfq_matches_reference(dim, bits):
 
 
 def test_lfq_entropies_match_the_reference_full_softmax():
-    """lfq: the factorized per-sample entropy equals the reference's softmax over all 2^d codes;
-    the batch term bounds the reference's from above, and equals it on a full grid of signs."""
+    """lfq: per-sample and joint batch entropy equal the reference's softmax over all 2^d codes;
+    the factorized batch term bounds it from above, and equals it on a full grid of signs."""
     from vector_quantize_pytorch import LFQ
 
     bits = 6
     theirs = LFQ(dim=bits, codebook_size=2**bits).train()
-    ours = build_quantizer("lfq", dim=bits, codebook_size=2**bits, sample_entropy_weight=1.0,
-                           batch_entropy_weight=1.0).train()
+    weights = {"sample_entropy_weight": 1.0, "batch_entropy_weight": 1.0}
+    joint = build_quantizer("lfq", dim=bits, codebook_size=2**bits, **weights).train()
+    factorized = build_quantizer("lfq", dim=bits, codebook_size=2**bits, batch_entropy="factorized", **weights).train()
     signs = torch.tensor([[1.0 if (i >> b) & 1 else -1.0 for b in range(bits)] for i in range(2**bits)])
     torch.manual_seed(0)
-    for z, exact_batch in ((0.004 * torch.randn(1, 512, bits), False), (0.004 * signs[None], True)):
+    correlated = 0.05 * torch.randn(1, 512, 1).repeat(1, 1, bits)           # all bits copy one another
+    for case, z in (("random", 0.004 * torch.randn(1, 512, bits)), ("correlated", correlated),
+                    ("grid", 0.004 * signs[None])):
         _, parts = theirs(z, return_loss_breakdown=True)
-        losses = ours(z).losses
-        assert losses["sample_entropy"].item() == pytest.approx(parts.per_sample_entropy.item(), rel=1e-3)
-        ours_batch = -losses["batch_entropy"].item()
-        assert ours_batch >= parts.batch_entropy.item() - 1e-4
-        if exact_batch:
-            assert ours_batch == pytest.approx(parts.batch_entropy.item(), rel=1e-4)
+        reference = parts.batch_entropy.item()
+        ours, bound = joint(z).losses, -factorized(z).losses["batch_entropy"].item()
+        assert ours["sample_entropy"].item() == pytest.approx(parts.per_sample_entropy.item(), rel=1e-3, abs=1e-4)
+        assert -ours["batch_entropy"].item() == pytest.approx(reference, rel=1e-3)
+        assert bound >= reference - 1e-4
+        if case == "grid":
+            assert bound == pytest.approx(reference, rel=1e-3)
+        if case == "correlated":                                            # 6 bits that are one bit
+            assert bound > 3 * reference
+
+
+def test_lfq_blocked_code_marginal_has_exact_gradients():
+    """lfq: CodeMarginal (blocks of 3 codes) passes torch's finite-difference gradcheck."""
+    from vqstudy.quantizers.lfq import CodeMarginal
+
+    torch.manual_seed(0)
+    logit = torch.randn(5, 3, dtype=torch.float64)
+    log_plus = torch.nn.functional.logsigmoid(logit).requires_grad_(True)
+    log_minus = torch.nn.functional.logsigmoid(-logit).requires_grad_(True)
+    bit_values = 2 ** torch.arange(2, -1, -1)
+    assert torch.autograd.gradcheck(lambda a, b: CodeMarginal.apply(a, b, bit_values, 3), (log_plus, log_minus))
 
 
 @pytest.mark.parametrize("name, dim, k", [("fsq", 3, 240), ("lfq", 18, 2**18), ("lfq", 64, 2**18)])

@@ -76,6 +76,8 @@ class QuantizerConfig:
     batch_entropy_weight: float = _f(0.1, doc="lfq/ibq: weight of the batch (codebook) entropy (maximized)", min=0.0)
     entropy_temperature: float = _f(0.01, doc="lfq/ibq: temperature of the soft assignment the entropies use",
                                     min=0.0, min_exclusive=True)
+    batch_entropy: str = _f("joint", doc="lfq: batch entropy over all 2^d codes (joint) or summed over bits "
+                            "(factorized: cheaper, blind to correlated bits)", choices=("joint", "factorized"))
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import SEARCH_BLOCK_ELEMENTS, QuantOut, kmeans, nearest_code, vq_losses
+from ._common import SEARCH_BLOCK_ELEMENTS, QuantOut, entropy, kmeans, nearest_code, vq_losses
 
 
 class SoftAssignment(torch.autograd.Function):
@@ -100,10 +100,9 @@ class IBQ(nn.Module):
                                                                  self.entropy_temperature, rows)
         q = F.embedding(idx, self.embedding)                              # (N, D) hard codes
         z_q = q + soft - soft.detach()                                    # value q; gradient via the softmax to all codes
-        batch_entropy = -(mean_p * mean_p.clamp_min(1e-30).log()).sum()
         losses = {"index_backprop": F.mse_loss(z_q, flat), **vq_losses(flat, q, self.beta, self.codebook_weight),
                   "sample_entropy": self.sample_entropy_weight * sample_entropy,
-                  "batch_entropy": -self.batch_entropy_weight * batch_entropy}
+                  "batch_entropy": -self.batch_entropy_weight * entropy(mean_p)}
         return QuantOut(z_q.view_as(z), idx.view(z.shape[:-1]), losses)
 
     def decode(self, indices: Tensor) -> Tensor:
