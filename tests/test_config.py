@@ -52,7 +52,8 @@ def test_overrides_are_coerced(assignment, key, expected):
     ({"quantizer.codebook_size": 1}, "quantizer.codebook_size: 1 is out of range (must be >= 2)"),
     ({"train.steps": -5}, "train.steps: -5 is out of range (must be >= 1)"),
     ({"train.lr": 0}, "train.lr: 0.0 is out of range (must be > 0.0)"),
-    ({"quantizer.decay": 1.5}, "quantizer.decay: 1.5 is out of range (must be <= 1.0)"),
+    ({"quantizer.decay": 1.5}, "quantizer.decay: 1.5 is out of range (must be < 1.0)"),
+    ({"quantizer.decay": 1}, "quantizer.decay: 1.0 is out of range (must be < 1.0)"),   # cvq divides by 1 - decay
     ({"quantizer.init": "pca"}, "quantizer.init: 'pca' is not one of random, kmeans"),
     ({"quantizer.name": "simvq", "quantizer.init": "kmeans"}, "quantizer.init: kmeans needs a learnable codebook (vq, ema, cvq, ibq), not simvq"),
     ({"quantizer.warmup_steps": 10, "train.steps": 10}, "quantizer.warmup_steps: 10 leaves no quantized steps"),

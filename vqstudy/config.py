@@ -23,9 +23,10 @@ class ConfigError(ValueError):
     """Bad configuration: the message names the key and what is allowed, in one line."""
 
 
-def _f(default, *, doc: str, min=None, max=None, choices=None, min_exclusive=False):
+def _f(default, *, doc: str, min=None, max=None, choices=None, min_exclusive=False, max_exclusive=False):
     """A dataclass field with its documentation and range, read by `coerce` and `describe`."""
-    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive}
+    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive,
+            "max_exclusive": max_exclusive}
     return field(default=default, metadata=meta)
 
 
@@ -65,7 +66,7 @@ class QuantizerConfig:
     kmeans_iters: int = _f(10, doc="Lloyd iterations of the k-means init", min=1)
     rotation_trick: bool = _f(False, doc="rotation-trick gradient estimator instead of straight-through")
     decay: float = _f(0.99, doc="ema: decay of the codebook moving averages; cvq: of the code-usage average",
-                      min=0.0, max=1.0, min_exclusive=True)
+                      min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
     dead_code_threshold: float = _f(0.0, doc="ema: restart codes whose EMA usage falls below this (0 = off)", min=0.0)
     distance: str = _f("cos", doc="cvq: distance of the code search and anchors", choices=("cos", "l2"))
     anchor: str = _f("probrandom", doc="cvq: batch feature a rarely used code is pulled to",
@@ -275,8 +276,9 @@ def _check_range(key: str, value: Any, meta: dict, source: str, which: str) -> N
     if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
         op = ">" if meta.get("min_exclusive") else ">="
         raise ConfigError(f"{source}: {key}: {value!r} is out of range ({which}must be {op} {lo})")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{source}: {key}: {value!r} is out of range ({which}must be <= {hi})")
+    if hi is not None and (value > hi or (meta.get("max_exclusive") and value == hi)):
+        op = "<" if meta.get("max_exclusive") else "<="
+        raise ConfigError(f"{source}: {key}: {value!r} is out of range ({which}must be {op} {hi})")
 
 
 def validate(cfg: TrialConfig, source: str = "config") -> None:
