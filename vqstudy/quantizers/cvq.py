@@ -56,7 +56,7 @@ class CVQ(nn.Module):
     def _cluster(self, feats: Tensor, idx: Tensor) -> None:
         """Pull each code toward its anchor by alpha_k (after z_q was taken: the step's
         gradient still goes to the codes it used). Codes whose alpha is below float32
-        resolution (used at more than ~1/60,000 of the uniform rate) would not move: they
+        resolution (at decay 0.99: used above ~1/60,000 of the uniform rate) would not move: they
         get no anchor, which makes a healthy codebook's step cheap."""
         k = self.num_codes
         ema_inplace(self.usage, torch.bincount(idx, minlength=k).float() / idx.numel(), self.decay)
