@@ -94,23 +94,10 @@ def vq_losses(z: Tensor, q: Tensor, beta: float, codebook_weight: float | None =
 
 
 def entropy(p: Tensor) -> Tensor:
-    """Entropy in nats of the distribution p (its last dimension; summed over any others)."""
+    """Entropy in nats of the distribution p (its last dimension; summed over any others).
+    The batch term of MAGVIT-v2's entropy penalty ("Language Model Beats Diffusion", Yu et
+    al. 2023) that IBQ and LFQ maximize, on the batch-mean soft assignment."""
     return -(p * p.clamp_min(1e-30).log()).sum()
-
-
-def entropy_losses(logits: Tensor, temperature: float, sample_weight: float, batch_weight: float) -> dict[str, Tensor]:
-    """MAGVIT-v2's entropy penalty ("Language Model Beats Diffusion", Yu et al. 2023) on the
-    soft assignment p = softmax(logits / temperature): the per-sample entropy is minimized
-    (confident assignments), the entropy of the batch-mean assignment maximized (all codes used).
-
-    logits (N, F, C): F independent factors of C choices each, whose entropies add (LFQ's
-    softmax over 2^d codes is d binary factors). For F > 1 the batch term is the sum of the
-    factors' batch entropies: an upper bound of the joint one, blind to correlated factors.
-    """
-    log_p = (logits.float() / temperature).log_softmax(-1)            # (N, F, C)
-    p = log_p.exp()
-    sample = -(p * log_p).sum(-1).sum(-1).mean()                         # mean over N of sum over F
-    return {"sample_entropy": sample_weight * sample, "batch_entropy": -batch_weight * entropy(p.mean(0))}
 
 
 def ema_inplace(average: Tensor, new: Tensor, decay: float) -> None:

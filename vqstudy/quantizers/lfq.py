@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..implicit_codebooks import lfq_bits
-from ._common import (SEARCH_BLOCK_ELEMENTS, QuantOut, entropy, entropy_losses, estimate_gradient,
-                      projected_covariance, projection)
+from ._common import (SEARCH_BLOCK_ELEMENTS, QuantOut, entropy, estimate_gradient, projected_covariance,
+                      projection)
 
 
 def code_bits(indices: Tensor, bit_values: Tensor) -> Tensor:
@@ -88,21 +88,24 @@ class LFQ(nn.Module):
         idx = (positive.long() * self.bit_values).sum(-1)                  # (...,)
         losses = {"commitment": self.beta * F.mse_loss(h, q)}
         if self.training:
-            # code c scores 2 h.c = sum_i 2 h_i c_i: independent +-2 h_i logits per channel
-            flat = h.reshape(-1, h.shape[-1])
-            losses.update(entropy_losses(torch.stack((2 * flat, -2 * flat), -1), self.entropy_temperature,
-                                         self.sample_entropy_weight, self.batch_entropy_weight))
-            if self.batch_entropy == "joint":
-                losses["batch_entropy"] = -self.batch_entropy_weight * entropy(self._code_marginal(flat))
+            losses.update(self._entropy_losses(h.reshape(-1, h.shape[-1])))
         z_q = self.project_out(estimate_gradient(h, q, use_rotation=False))
         return QuantOut(z_q.to(z.dtype), idx, losses)
 
-    def _code_marginal(self, h: Tensor) -> Tensor:
-        """Batch-mean soft assignment over all 2^d codes (K,): bit i is +1 with probability
-        sigmoid(4 h_i / temperature), the softmax of its two logits +-2 h_i / temperature."""
+    def _entropy_losses(self, h: Tensor) -> dict[str, Tensor]:
+        """Per-sample entropy (minimized) and batch entropy (maximized) of the soft assignment
+        softmax(2 h.c / temperature) over the codes, for h (N, d). Code c scores sum_i 2 h_i c_i,
+        so bit i is +1 independently with probability sigmoid(4 h_i / temperature)."""
         logit = 4 * h / self.entropy_temperature                           # (N, d)
-        block = max(1, SEARCH_BLOCK_ELEMENTS // h.shape[0])
-        return CodeMarginal.apply(F.logsigmoid(logit), F.logsigmoid(-logit), self.bit_values, block)
+        log_plus, log_minus = F.logsigmoid(logit), F.logsigmoid(-logit)   # per-bit log-probabilities
+        sample = -(log_plus.exp() * log_plus + log_minus.exp() * log_minus).sum(1).mean()
+        if self.batch_entropy == "joint":
+            block = max(1, SEARCH_BLOCK_ELEMENTS // h.shape[0])
+            mean_p = CodeMarginal.apply(log_plus, log_minus, self.bit_values, block)   # (K,)
+        else:
+            mean_p = torch.stack((log_plus, log_minus), -1).exp().mean(0)              # (d, 2), per bit
+        return {"sample_entropy": self.sample_entropy_weight * sample,
+                "batch_entropy": -self.batch_entropy_weight * entropy(mean_p)}
 
     def codes_of(self, indices: Tensor) -> Tensor:
         """Cube corners (..., d) of code indices (...,)."""
