@@ -23,15 +23,15 @@ from pathlib import Path
 
 from vqstudy import tracking
 from vqstudy.analysis.export import _runs_from_client, export_runs, to_table
+from vqstudy.catalogue import METRICS as CATALOGUE
 from vqstudy.config import TrialConfig
+from vqstudy.folder import StudyFolder
 
-METRICS = ["recon_mse", "utilization", "perplexity", "normalized_entropy", "dead_codes", "quant_error",
-           "effective_dim", "codebook_effective_dim", "train_loss", "train_time_s", "samples_per_s",
-           "reporting_time_s", "artifacts_time_s", "step"]
+METRICS = [name for name, m in CATALOGUE.items() if not m.modalities] + ["step"]   # what a vector trial logs
 
 
 def build_store(folder: Path, n: int) -> tuple[str, str, str]:
-    uri = tracking.default_uri(folder)
+    uri = StudyFolder(folder).default_tracking_uri
     exp = tracking.ensure_experiment(uri, "export-bench", folder / "mlartifacts")
     parent = tracking.start_parent(uri, exp, "export-bench", {tracking.STUDY_TAG: "export-bench"}, {})
     runs, params, tags, latest, history = [], [], [], [], []
@@ -46,7 +46,7 @@ def build_store(folder: Path, n: int) -> tuple[str, str, str]:
         params += [(k, str(v), rid) for k, v in flat.items()]
         tags += [(k, v, rid) for k, v in {tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: f"{i:08x}",
                                           tracking.STUDY_TAG: "export-bench", "vqstudy.version": "0.1.0",
-                                          "mlflow.runName": f"trial_{i}"}.items()]
+                                          tracking.OUTCOME_TAG: "finished", "mlflow.runName": f"trial_{i}"}.items()]
         for j, key in enumerate(METRICS):
             for step in (250, 500, 750, 1000):
                 value = float(step) if key == "step" else 1.0 / (1 + i + j + step)

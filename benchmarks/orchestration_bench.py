@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from vqstudy import runner
+from vqstudy import driver
+from vqstudy.folder import StudyFolder
 from vqstudy.study import parse_study
 from vqstudy.train import train
 
@@ -73,15 +74,15 @@ def through_vqstudy(study, out: Path) -> tuple[float, list[float], list[float], 
     trial's run time minus its train_time_s. Read from the run records of the same run,
     this is immune to the machine's speed drifting between separate measurements."""
     t0 = time.perf_counter()
-    code = runner.run(study, out)
+    code = driver.run(study, out)
     wall = time.perf_counter() - t0
     if code != 0:
         sys.exit(f"study failed (exit {code})")
     from mlflow.tracking import MlflowClient
 
-    state = runner.load_folder(out)[1]
-    client = MlflowClient(state["tracking_uri"])
-    runs = sorted(client.search_runs([state["experiment_id"]], filter_string="tags.`mlflow.parentRunId` != ''"),
+    records = StudyFolder(out).load()[1]
+    client = MlflowClient(records.tracking_uri)
+    runs = sorted(client.search_runs([records.experiment_id], filter_string="tags.`mlflow.parentRunId` != ''"),
                   key=lambda r: r.info.start_time)
     shares = [r.data.metrics["reporting_time_s"] / r.data.metrics["train_time_s"] for r in runs]
     artifacts = [r.data.metrics["artifacts_time_s"] for r in runs]
@@ -103,11 +104,11 @@ def main() -> None:
         return
 
     print("starting Ray (not timed) ...", file=sys.stderr)
-    runner.connect(None)
+    driver.connect(None)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         warm = make_study(2, 20, 10, True, "warmup")  # worker start-up and imports, not timed
-        runner.run(warm, Path(tmp) / "warmup")
+        driver.run(warm, Path(tmp) / "warmup")
         loop_s = plain_loop_in_fresh_process(n, args.steps, args.eval_every)
         per_loop = loop_s / n
         rows.append(("plain loop of train()", per_loop, None, None, None, None, None))

@@ -85,7 +85,7 @@ def ray_address():
     import os
 
     os.environ["RAY_AUTH_MODE"] = "disabled"            # a throwaway local test instance only
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only, as runner.connect does
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only, as driver.connect does
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
 

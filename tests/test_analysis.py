@@ -19,6 +19,8 @@ from vqstudy.analysis.plots import pareto_front
 from vqstudy.analysis.report import reading, write_report
 from vqstudy.cli import main
 from vqstudy.config import TrialConfig, all_keys
+from vqstudy.folder import StudyFolder
+from vqstudy.outcome import Outcome
 from vqstudy.study import parse_study
 
 KS = 2.0 ** np.arange(4, 15)          # 16 .. 16,384
@@ -99,7 +101,7 @@ def test_pareto_front():
 # -- export ----------------------------------------------------------------------------------
 def fake_store(tmp_path, n=6):
     """An MLflow SQLite store holding a study as vqstudy's trainable writes it (no Ray needed)."""
-    uri = tracking.default_uri(tmp_path)
+    uri = StudyFolder(tmp_path).default_tracking_uri
     exp = tracking.ensure_experiment(uri, "fake", tmp_path / "mlartifacts")
     parent = tracking.start_parent(uri, exp, "fake", {tracking.STUDY_TAG: "fake"}, {})
     for i in range(n):
@@ -109,7 +111,7 @@ def fake_store(tmp_path, n=6):
         for step in (100, 200):
             run.log_metrics({"step": step, "recon_mse": 1 / (i + step), "utilization": 0.5, "dead_codes": 7,
                              "train_time_s": 2.0}, step=step)
-        run.finish(ok=i != 3, reason="diverged: loss became nan at step 5" if i == 3 else None)
+        run.finish(Outcome.DIVERGED if i == 3 else Outcome.FINISHED, reason="loss became nan at step 5" if i == 3 else None)
     return uri, exp, parent
 
 
@@ -131,8 +133,7 @@ def test_export_columns_and_dtypes(tmp_path):
     assert types["quantizer.levels"] == pa.list_(pa.int64())
     assert [None if v is None else list(v) for v in df["quantizer.levels"]] == [None, [8, 4], None, None, None, None]
     assert df["steps"].tolist() == [200] * 6 and df["recon_mse"][0] == pytest.approx(1 / 200)
-    assert df["status"].tolist() == ["FINISHED"] * 3 + ["FAILED"] + ["FINISHED"] * 2
-    assert df["diverged"].tolist() == [False, False, False, True, False, False]
+    assert df["status"].tolist() == ["finished"] * 3 + ["diverged"] + ["finished"] * 2
     assert df["study"].unique().tolist() == ["fake"] and df["runtime_s"].notna().all()
 
 
@@ -157,7 +158,7 @@ def synthetic_results(rng) -> pd.DataFrame:
                                  "model.encoder_width": 64, "model.encoder_depth": depth, "model.latent_dim": 8,
                                  "utilization": float(np.clip(1 / (1 + k / collapse) + 0.02 * rng.standard_normal(), 0, 1)),
                                  "recon_mse": float(0.1 + k ** -0.5 + 0.002 * rng.standard_normal()),
-                                 "effective_dim": float(4 + depth), "status": "FINISHED"})
+                                 "effective_dim": float(4 + depth), "status": "finished"})
     return pd.DataFrame(rows)
 
 

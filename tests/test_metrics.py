@@ -52,7 +52,7 @@ def test_psnr_hand_cases():
 
 def test_accumulator_hand_case():
     """Two vectors, two codes: quant_error, recon_mse and usage by hand."""
-    acc = EvalAccumulator(codebook_size=4, dim=2, images=False)
+    acc = EvalAccumulator(codebook_size=4, dim=2, modality="vector")
     z_e = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     z_q = torch.tensor([[1.0, 1.0], [0.0, 0.0]])     # errors 1 and 4 -> mean 2.5
     x = torch.zeros(2, 3)
@@ -70,7 +70,7 @@ def test_accumulator_streaming_equals_one_pass():
     x, x_hat = torch.rand(30, 1, 4, 4), torch.rand(30, 1, 4, 4)
     z_e, z_q = torch.randn(30, 2, 2, 5), torch.randn(30, 2, 2, 5)
     idx = torch.randint(0, 16, (30, 2, 2))
-    one, many = EvalAccumulator(16, 5, True), EvalAccumulator(16, 5, True)
+    one, many = EvalAccumulator(16, 5, "image"), EvalAccumulator(16, 5, "image")
     one.update(x, x_hat, z_e, z_q, idx)
     for s in (slice(0, 7), slice(7, 20), slice(20, 30)):
         many.update(x[s], x_hat[s], z_e[s], z_q[s], idx[s])

@@ -17,7 +17,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from vqstudy import runner
+from vqstudy import driver
+from vqstudy.cli import main
+from vqstudy.folder import RAY_DIR, RECORDS_FILE, STUDY_FILE, StudyFolder
+from vqstudy.outcome import Outcome
 from vqstudy.study import load_study
 from vqstudy.train import train
 
@@ -28,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("ray_address")
 
 def mlflow_runs(out_dir, experiment: str):
     """(parent runs, child runs) of a study folder's MLflow store."""
-    state = json.loads((out_dir / runner.STATE_FILE).read_text())
+    state = json.loads((out_dir / RECORDS_FILE).read_text())
     client = MlflowClient(state["tracking_uri"])
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
@@ -43,9 +46,9 @@ def test_two_trials_end_to_end(tmp_path, capsys):
     path = tiny_study(tmp_path, tracking={"artifacts": True})
     study = load_study(path)
     out = tmp_path / "out"
-    assert runner.run(study, out) == 0
+    assert driver.run(study, out) == 0
     printed = capsys.readouterr().out
-    assert "2/2 trials finished" in printed and "TERMINATED" in printed
+    assert "tiny: 2 finished (of 2)" in printed and "finished" in printed.splitlines()[1]
 
     client, parents, children = mlflow_runs(out, "tiny")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -59,7 +62,7 @@ def test_two_trials_end_to_end(tmp_path, capsys):
         assert [m.step for m in history] == [10, 20, 30]
         assert child.data.tags["vqstudy.study"] == "tiny" and child.data.tags["vqstudy.trial_id"]
         assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["code_usage.png"]
-    assert runner.status(out) == 0
+    assert main(["status", str(out)]) == 0
 
 
 def test_existing_folder_is_refused(tmp_path):
@@ -67,9 +70,9 @@ def test_existing_folder_is_refused(tmp_path):
     from vqstudy.config import ConfigError
 
     out = tmp_path / "out"
-    (out / runner.RAY_DIR).mkdir(parents=True)
+    (out / RAY_DIR).mkdir(parents=True)
     with pytest.raises(ConfigError, match="vqstudy resume"):
-        runner.run(load_study(tiny_study(tmp_path)), out)
+        driver.run(load_study(tiny_study(tmp_path)), out)
 
 
 def test_diverging_trial_fails_alone(tmp_path, capsys):
@@ -77,13 +80,14 @@ def test_diverging_trial_fails_alone(tmp_path, capsys):
     path = tiny_study(tmp_path, sweep={"grid": {"train.lr": [1e-3, 1e6]}},
                       base={"train": {"steps": 30, "eval_every": 1, "device": "cpu"}})
     out = tmp_path / "out"
-    assert runner.run(load_study(path), out) == 1
-    assert "DIVERGED" in capsys.readouterr().out
+    assert driver.run(load_study(path), out) == 1
+    assert "diverged" in capsys.readouterr().out
     _, _, children = mlflow_runs(out, "tiny")
     status = {c.data.params["train.lr"]: c for c in children}
     assert status["0.001"].info.status == "FINISHED"
     assert status["1000000.0"].info.status == "FAILED"
-    assert status["1000000.0"].data.tags["vqstudy.failure"].startswith("diverged: loss became")
+    assert status["1000000.0"].data.tags["vqstudy.outcome"] == "diverged"
+    assert status["1000000.0"].data.tags["vqstudy.failure"].startswith("loss became")
 
 
 def test_optuna_search_per_grid_point(tmp_path):
@@ -94,7 +98,7 @@ def test_optuna_search_per_grid_point(tmp_path):
                    "train.lr": {"loguniform": [1e-4, 1e-2]}, "quantizer.beta": {"uniform": [0.1, 0.5]}},
         "metric": ["recon_mse", "utilization"], "mode": ["min", "max"]})
     out = tmp_path / "out"
-    assert runner.run(load_study(path), out) == 0
+    assert driver.run(load_study(path), out) == 0
     _, _, children = mlflow_runs(out, "tiny")
     lrs = [float(c.data.params["train.lr"]) for c in children]
     betas = [float(c.data.params["quantizer.beta"]) for c in children]
@@ -109,10 +113,11 @@ def test_asha_stops_weak_trials(tmp_path):
                       base={"train": {"steps": 40, "eval_every": 10, "device": "cpu"}},
                       resources={"cpu": 1, "max_concurrent": 1})
     out = tmp_path / "out"
-    runner.run(load_study(path), out)
-    rows = {r["train.lr"]: r for r in runner.trial_rows(out, load_study(path))}
+    driver.run(load_study(path), out)
+    rows = {r["train.lr"]: r for r in StudyFolder(out).trial_rows(load_study(path))}
     assert rows[3e-3]["step"] == 40
     assert rows[1e-7]["step"] < 40 and rows[1e-8]["step"] < 40
+    assert rows[3e-3]["outcome"] is Outcome.FINISHED and rows[1e-7]["outcome"] is Outcome.STOPPED_EARLY
     # stopped trials are closed in MLflow too, marked with the step where they stopped
     _, _, children = mlflow_runs(out, "tiny")
     assert all(c.info.status == "FINISHED" for c in children)
@@ -126,17 +131,17 @@ def _driver(study_path, out, address):
                             start_new_session=True)
 
 
-def _wait_for(predicate, timeout: float, what: str):
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
-        time.sleep(0.5)
+        time.sleep(poll)
     pytest.fail(f"timed out waiting for {what}")
 
 
 def _children_with(out, status: str) -> int:
-    if not (out / runner.STATE_FILE).exists():
+    if not (out / RECORDS_FILE).exists():
         return 0
     try:
         _, _, children = mlflow_runs(out, "resumable")
@@ -164,28 +169,28 @@ def test_killed_driver_then_resume(tmp_path, ray_address):
     path = tiny_study(tmp_path, name="resumable", sweep={"grid": {"quantizer.codebook_size": sizes}},
                       base={"train": {"steps": 400, "eval_every": 50, "device": "cpu"}})
     out = tmp_path / "out"
-    driver = _driver(path, out, ray_address)
+    proc = _driver(path, out, ray_address)
     _wait_for(lambda: _children_with(out, "FINISHED") >= 1, 120, "a finished trial")
     # Ray writes its state files in place: freeze the driver, and kill it only at a moment
     # its files read whole (resume refuses a state cut short; see test_resume_refuses_...)
     # and name checkpoints that exist (Ray's delete-then-save window; see above).
     deadline = time.time() + 60
     while True:
-        os.killpg(driver.pid, signal.SIGSTOP)
+        os.killpg(proc.pid, signal.SIGSTOP)
         try:
-            runner.check_ray_state(out / runner.RAY_DIR)
-            if _state_checkpoints_exist(out / runner.RAY_DIR):
+            StudyFolder(out).check_ray_state()
+            if _state_checkpoints_exist(out / RAY_DIR):
                 break
         except Exception:
             pass
-        os.killpg(driver.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGCONT)
         assert time.time() < deadline, "Ray's state never read whole"
         time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
     assert _children_with(out, "FINISHED") < len(sizes)
 
-    assert runner.resume(out, ray_address) == 0
+    assert driver.resume(out, ray_address) == 0
     _, parents, children = mlflow_runs(out, "resumable")
     assert len(parents) == 1 and len(children) == len(sizes)
     assert all(c.info.status == "FINISHED" for c in children)
@@ -195,24 +200,25 @@ def test_killed_driver_then_resume(tmp_path, ray_address):
 def test_resume_refuses_a_state_cut_short(tmp_path, capsys):
     """A Ray experiment state left empty by a driver killed mid-write: resume says so in one
     line (exit 2) instead of resuming part of the study."""
-    from vqstudy.cli import main
-
     out = tmp_path / "out"
-    (out / runner.RAY_DIR).mkdir(parents=True)
-    (out / runner.STUDY_COPY).write_text("name: cut\n")
-    (out / runner.STATE_FILE).write_text(json.dumps({"tracking_uri": "sqlite:///x", "experiment_id": "1",
+    (out / RAY_DIR).mkdir(parents=True)
+    (out / STUDY_FILE).write_text("name: cut\n")
+    (out / RECORDS_FILE).write_text(json.dumps({"tracking_uri": "sqlite:///x", "experiment_id": "1",
                                                      "parent_run_id": "p", "study_path": None}))
-    (out / runner.RAY_DIR / "experiment_state-2026-01-01_00-00-00.json").write_text("")
+    (out / RAY_DIR / "experiment_state-2026-01-01_00-00-00.json").write_text("")
     assert main(["resume", str(out)]) == 2
     assert "Ray's experiment state is empty or cut short" in capsys.readouterr().err
 
 
-def _trial_pids() -> list[int]:
+def _trial_pids(out: Path) -> list[int]:
+    """Ray workers running a trial of the study in `out`: Tune chdirs a trial's worker into a
+    staging folder named like the trial's folder (other tests' idle reused workers sit elsewhere)."""
+    trials = {p.name for p in (out / RAY_DIR).glob("trial_*")}
     pids = []
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::ImplicitFunc"):
+                if f.read().startswith(b"ray::ImplicitFunc") and Path(os.readlink(f"/proc/{entry}/cwd")).name in trials:
                     pids.append(int(entry))
         except (OSError, ValueError):
             continue
@@ -223,15 +229,17 @@ def test_killed_trial_is_retried_from_checkpoint(tmp_path, ray_address):
     """A trial's worker is SIGKILLed after a checkpoint; Tune retries it from that checkpoint
     and it ends with the same metrics as an uninterrupted train() of the same config."""
     path = tiny_study(tmp_path, name="retry", sweep={"grid": {"quantizer.name": ["ema"]}},
-                      base={"train": {"steps": 400, "eval_every": 50, "device": "cpu"},
+                      base={"train": {"steps": 1000, "eval_every": 50, "device": "cpu"},
                             "quantizer": {"codebook_size": 16, "dead_code_threshold": 0.5}})
     out = tmp_path / "out"
-    driver = _driver(path, out, ray_address)
-    checkpoints = lambda: list((out / runner.RAY_DIR).glob("trial_*/checkpoint_*"))  # noqa: E731
-    _wait_for(lambda: len(checkpoints()) > 0 and _trial_pids(), 120, "a checkpoint")
-    for pid in _trial_pids():
+    proc = _driver(path, out, ray_address)
+    checkpoints = lambda: list((out / RAY_DIR).glob("trial_*/checkpoint_*"))  # noqa: E731
+    # The first checkpoint is persisted at step 50, the next 10 s later or at step 1000: kill
+    # the worker as soon as the first appears, while the trial is surely mid-run.
+    _wait_for(lambda: len(checkpoints()) > 0 and _trial_pids(out), 120, "a checkpoint", poll=0.05)
+    for pid in _trial_pids(out):
         os.kill(pid, signal.SIGKILL)
-    assert driver.wait(timeout=240) == 0
+    assert proc.wait(timeout=240) == 0
 
     study = load_study(path)
     client, _, children = mlflow_runs(out, "retry")
@@ -247,21 +255,19 @@ def test_killed_trial_is_retried_from_checkpoint(tmp_path, ray_address):
         assert recorded[key] == expected[key], key
     # It was a resume, not a rerun from scratch: Ray counted the crash and the run records the
     # step it continued from; MLflow holds each evaluation exactly once.
-    (row,) = runner.trial_rows(out, study)
-    assert row["failures"] == 1 and row["status"] == "TERMINATED"
-    assert 50 <= int(children[0].data.tags["vqstudy.restored_at_step"]) < 400
+    (row,) = StudyFolder(out).trial_rows(study)
+    assert (row["failures"], row["outcome"]) == (1, Outcome.FINISHED)
+    assert 50 <= int(children[0].data.tags["vqstudy.restored_at_step"]) < 1000
     steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "recon_mse")]
-    assert sorted(steps) == list(range(50, 401, 50))
+    assert sorted(steps) == list(range(50, 1001, 50))
     # Ray appends every report to result.json: a rerun from scratch would go back to step 50.
-    reported = [json.loads(line)["step"] for line in (out / runner.RAY_DIR / f"trial_{row['trial_id']}" /
+    reported = [json.loads(line)["step"] for line in (out / RAY_DIR / f"trial_{row['trial_id']}" /
                                                         "result.json").read_text().splitlines()]
-    assert all(b > a for a, b in zip(reported, reported[1:])) and reported[-1] == 400
+    assert all(b > a for a, b in zip(reported, reported[1:])) and reported[-1] == 1000
 
 
 def test_cluster_without_gpus_refuses_a_gpu_study(tmp_path, capsys, ray_address):
     """Joining a cluster that has no GPUs with a GPU study: exit 2 before any trial."""
-    from vqstudy.cli import main
-
     path = tiny_study(tmp_path, resources={"cpu": 1, "gpu": 1})
     assert main(["run", str(path), "--out", str(tmp_path / "out"), "--address", ray_address]) == 2
     assert "resources.gpu: 1 asked but the Ray cluster has 0 GPUs" in capsys.readouterr().err
@@ -280,21 +286,21 @@ def test_local_instance_listens_on_loopback_only(tmp_path):
     beyond loopback."""
     path = tiny_study(tmp_path, name="loopback", base={"train": {"steps": 3000, "eval_every": 500, "device": "cpu"}})
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    driver = subprocess.Popen([sys.executable, "-m", "vqstudy.cli", "run", str(path), "--out", str(tmp_path / "out")],
+    proc = subprocess.Popen([sys.executable, "-m", "vqstudy.cli", "run", str(path), "--out", str(tmp_path / "out")],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for(lambda: _children_with_any(tmp_path / "out", "loopback"), 120, "a running trial")
         sockets = _listening_ray_sockets()
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert sockets
     loopback = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:", "localhost:")
     assert all(s.startswith(loopback) for s in sockets), sockets
 
 
 def _children_with_any(out, experiment: str) -> bool:
-    if not (out / runner.STATE_FILE).exists():
+    if not (out / RECORDS_FILE).exists():
         return False
     try:
         return bool(mlflow_runs(out, experiment)[2])
@@ -305,8 +311,6 @@ def _children_with_any(out, experiment: str) -> bool:
 def test_run_with_analyze_logs_report_to_parent(tmp_path, capsys):
     """`vqstudy run --analyze`: results.parquet, fit table, PNG/SVG figures and report.md/html
     are written and appear on the MLflow parent run."""
-    from vqstudy.cli import main
-
     path = tiny_study(tmp_path, name="curves", sweep={"grid": {"quantizer.name": ["vq", "simvq"],
                                                                "quantizer.codebook_size": [4, 16, 64]}})
     out = tmp_path / "out"

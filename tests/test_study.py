@@ -10,7 +10,8 @@ import pytest
 
 from vqstudy.cli import main
 from vqstudy.config import ConfigError
-from vqstudy.study import load_study, trial_table
+from vqstudy.study import load_study
+from vqstudy.tables import trial_table
 
 BASE = """
 name: s
@@ -84,7 +85,7 @@ def test_include_merges_fragment_under_the_study(tmp_path):
     """))
     study = load_study(path)
     assert study.grid == {"quantizer.codebook_size": [16, 64], "quantizer.name": ["vq", "simvq"]}
-    assert study.repeats == 2 and study.num_trials == 8
+    assert study.sweep.repeats == 2 and study.num_trials == 8
 
 
 def test_shipped_studies_validate():
@@ -151,8 +152,8 @@ BAD = [
     ("multi-objective without optuna", BASE + "sweep: {metric: [recon_mse, utilization], mode: [min, max], search: {train.lr: {uniform: [0.1, 1]}}}\n", "several metrics need sweep.search.algorithm: optuna"),
     ("asha on two metrics", BASE + "sweep: {metric: [recon_mse, utilization], mode: [min, max], scheduler: asha, search: {algorithm: optuna, train.lr: {uniform: [0.1, 1]}}}\n", "asha stops trials on one metric"),
     ("unknown scheduler", BASE + "sweep: {scheduler: hyperband}\n", "sweep.scheduler.name: 'hyperband' is not one of fifo, asha"),
-    ("reduction factor 1", BASE + "sweep: {scheduler: {name: asha, reduction_factor: 1}}\n", "reduction_factor: 1 is out of range (must be > 1)"),
-    ("zero cpus", BASE + "resources: {cpu: 0}\n", "resources.cpu: 0 is out of range (must be > 0)"),
+    ("reduction factor 1", BASE + "sweep: {scheduler: {name: asha, reduction_factor: 1}}\n", "sweep.scheduler.reduction_factor: 1.0 is out of range (must be > 1)"),
+    ("zero cpus", BASE + "resources: {cpu: 0}\n", "resources.cpu: 0.0 is out of range (must be > 0)"),
     ("fractional concurrency", BASE + "resources: {max_concurrent: 1.5}\n", "resources.max_concurrent: 1.5 is not a valid int"),
     ("gpu above one not whole", BASE + "resources: {gpu: 1.5}\n", "resources.gpu: 1.5 (a fraction must be <= 1"),
     ("seed gridded and repeated", BASE + "sweep: {grid: {train.seed: [1, 2]}, repeats: 2}\n", "conflicts with sweep.repeats"),
@@ -179,11 +180,11 @@ def test_missing_study_file(tmp_path, capsys):
 
 def test_gpu_request_on_a_machine_without_gpu(tmp_path, capsys, monkeypatch):
     """resources.gpu on a machine with no GPU (and no cluster address) is refused before Ray starts."""
-    import vqstudy.runner as runner
+    import vqstudy.driver as driver
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(runner, "local_gpus", lambda: 0)
-    monkeypatch.setattr(runner, "connect", lambda address: pytest.fail("Ray was started"))
+    monkeypatch.setattr(driver, "local_gpus", lambda: 0)
+    monkeypatch.setattr(driver, "connect", lambda address: pytest.fail("Ray was started"))
     path = write(tmp_path, BASE + "resources: {gpu: 0.25}\n")
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
     assert "resources.gpu: 0.25 asked but this machine has no GPU" in capsys.readouterr().err

@@ -18,7 +18,10 @@ import json
 import sys
 import time
 
-from .config import ConfigError, TrialConfig, describe
+from .config import TrialConfig, describe
+from .errors import ConfigError
+from .fields import parse_assignments
+from .tables import fmt
 
 EXIT_BAD_INPUT = 2
 
@@ -84,10 +87,6 @@ def load_trial_config(path: str | None, overrides: list[str]) -> TrialConfig:
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
-def _fmt(value) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
 def progress_printer(total_steps: int):
     """A report() that keeps one progress line on stderr (rewritten in place on a terminal)."""
     start = time.perf_counter()
@@ -121,23 +120,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         width = max(map(len, metrics))
         for key, value in metrics.items():
-            print(f"{key:<{width}}  {_fmt(value)}")
+            print(f"{key:<{width}}  {fmt(value, 6)}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import parse_assignments
-    from .study import format_table, load_study, trial_table
+    from .study import load_study
+    from .tables import format_table, trial_table
 
     study = load_study(args.study, parse_assignments(args.overrides) if args.overrides else None)
     if args.dry_run:
-        rows = trial_table(study)
-        print(format_table(rows))
+        print(format_table(trial_table(study)))
         print(f"\n{study.name}: {study.num_trials} trials, {study.total_steps():,} training steps in total")
         return 0
-    from .runner import run
+    from .driver import run
 
     out = Path(args.out or f"runs/{study.name}")
     code = run(study, out, args.address, args.tracking_uri)
@@ -149,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .runner import resume
+    from .driver import resume
 
     return resume(Path(args.dir), args.address)
 
@@ -157,9 +155,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .runner import status
+    from .folder import StudyFolder
+    from .outcome import all_ok
+    from .tables import format_table, outcome_summary, status_columns
 
-    return status(Path(args.dir))
+    folder = StudyFolder(Path(args.dir))
+    study, _ = folder.load()
+    if not folder.has_run():
+        print(f"{study.name}: no trial started yet (0/{study.num_trials})")
+        return 1
+    rows = folder.trial_rows(study)
+    print(format_table(rows, status_columns(study, rows)))
+    print(f"\n{study.name}: {outcome_summary(rows, study.num_trials)}")
+    return 0 if all_ok([r["outcome"] for r in rows], study.num_trials) else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -205,8 +213,10 @@ def _first_line(doc: str | None) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .data import DATASETS
+    from .fields import describe_fields
     from .quantizers import QUANTIZERS, options_of
+    from .registry import DATASETS
+    from .schedulers import SCHEDULERS
 
     print("quantizers:")
     for name, cls in QUANTIZERS.items():
@@ -215,7 +225,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {'':<8} options: {opts}")
     print("datasets:")
     for name, build in DATASETS.items():
-        print(f"  {name:<17} {_first_line(build.__doc__)}")
+        print(f"  {name:<17} {DATASETS.entry(name).modality:<7} {_first_line(build.__doc__)}")
+    print("schedulers (sweep.scheduler):")
+    for name, cls in SCHEDULERS.items():
+        opts = ", ".join(f"{k}={v}" for k, v, _ in describe_fields(cls))
+        print(f"  {name:<8} {_first_line(cls.__doc__)}" + (f"\n  {'':<8} options: {opts}" if opts else ""))
     if args.keys:
         print("config keys:")
         for key, default, doc in describe():

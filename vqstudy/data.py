@@ -1,7 +1,8 @@
 """Datasets (named in vqstudy/registry.py): two synthetic ones generated from `data.seed`, sklearn's bundled
 digits, and torchvision's MNIST, FashionMNIST, CIFAR-10 and ImageFolder.
 
-Everything is loaded once into memory as tensors (images as uint8, to keep CIFAR-10 at
+A builder returns (train, eval) tensors; `load_dataset` adds the modality its registry
+entry names. Everything is loaded once into memory as tensors (images as uint8, to keep CIFAR-10 at
 150 MB), split into train and eval deterministically; `to_float` maps a batch to [0, 1].
 The scale of these studies is small models on many configurations, so in-memory
 tensors with random-index batches beat a DataLoader's worker processes.
@@ -14,17 +15,19 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .config import ConfigError, DataConfig
+from .config import DataConfig
+from .errors import ConfigError
 from .registry import DATASETS
 
 SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 8192, 2048
+Split = tuple[Tensor, Tensor]   # what a registered builder returns: (train, eval) examples
 
 
 @dataclass
 class Dataset:
     train: Tensor   # (N, C, H, W) uint8 images or (N, n) float vectors
     eval: Tensor
-    kind: str       # "image" or "vector"
+    modality: str   # a key of modalities.MODALITIES, as the dataset's registry entry says
 
     @property
     def example_shape(self) -> tuple[int, ...]:
@@ -56,7 +59,7 @@ def _sizes(cfg: DataConfig) -> tuple[int, int]:
 
 
 # -- synthetic ------------------------------------------------------------------------
-def gaussian_mixture(cfg: DataConfig) -> Dataset:
+def gaussian_mixture(cfg: DataConfig) -> Split:
     """Vectors from C Gaussians in R^n: centres ~ N(0, I), each point centre + spread * N(0, I).
     The synthetic setting of the collapse papers: the data has C clusters, so K >> C codes
     can only all be used if the encoder spreads its outputs."""
@@ -68,7 +71,7 @@ def gaussian_mixture(cfg: DataConfig) -> Dataset:
         return centres[comp] + cfg.spread * torch.randn(n, cfg.dim, generator=g)  # (n, dim)
 
     n_train, n_eval = _sizes(cfg)
-    return Dataset(sample(n_train), sample(n_eval), "vector")
+    return sample(n_train), sample(n_eval)
 
 
 def _draw_shapes(n: int, size: int, g: torch.Generator) -> Tensor:
@@ -92,21 +95,21 @@ def _draw_shapes(n: int, size: int, g: torch.Generator) -> Tensor:
     return (img * 255).round().to(torch.uint8)                           # (n, 3, S, S)
 
 
-def shapes(cfg: DataConfig) -> Dataset:
+def shapes(cfg: DataConfig) -> Split:
     """Procedural colour images of random shapes, generated from the seed (no files)."""
     g = _generator(cfg)
     n_train, n_eval = _sizes(cfg)
-    return Dataset(_draw_shapes(n_train, cfg.image_size, g), _draw_shapes(n_eval, cfg.image_size, g), "image")
+    return _draw_shapes(n_train, cfg.image_size, g), _draw_shapes(n_eval, cfg.image_size, g)
 
 
 # -- real data ---------------------------------------------------------------------------
-def digits(cfg: DataConfig) -> Dataset:
+def digits(cfg: DataConfig) -> Split:
     """The 1,797 8x8 handwritten digits scikit-learn ships (values 0..16): real data, no download."""
     from sklearn.datasets import load_digits
 
     x = torch.from_numpy(load_digits().images).float()                   # (1797, 8, 8)
     x = (x * (255 / 16)).round().to(torch.uint8)[:, None]                # (1797, 1, 8, 8)
-    return Dataset(*_split(x, cfg, eval_fraction=0.2), "image")
+    return _split(x, cfg, eval_fraction=0.2)
 
 
 def _torchvision(cls_name: str, cfg: DataConfig, train: bool):
@@ -126,20 +129,20 @@ def _as_images(data) -> Tensor:
     return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 
-def _torchvision_dataset(cls_name: str) -> Callable[[DataConfig], Dataset]:
-    def build(cfg: DataConfig) -> Dataset:
+def _torchvision_dataset(cls_name: str) -> Callable[[DataConfig], Split]:
+    def build(cfg: DataConfig) -> Split:
         x_train = _as_images(_torchvision(cls_name, cfg, train=True).data)
         x_eval = _as_images(_torchvision(cls_name, cfg, train=False).data)
         g = _generator(cfg, 2)  # num_train / num_eval take seeded random subsets
         x_train = x_train[torch.randperm(len(x_train), generator=g)]
         x_eval = x_eval[torch.randperm(len(x_eval), generator=g)]
-        return Dataset(_cap(x_train, cfg.num_train), _cap(x_eval, cfg.num_eval), "image")
+        return _cap(x_train, cfg.num_train), _cap(x_eval, cfg.num_eval)
 
     build.__doc__ = f"torchvision.datasets.{cls_name} under data.root (train and test splits)."
     return build
 
 
-def imagefolder(cfg: DataConfig) -> Dataset:
+def imagefolder(cfg: DataConfig) -> Split:
     """Any folder of class sub-folders of images (torchvision ImageFolder), resized and
     centre-cropped to data.image_size; 10% held out for eval unless data.num_eval is set."""
     import torchvision.datasets as tvd
@@ -153,7 +156,7 @@ def imagefolder(cfg: DataConfig) -> Dataset:
     x = torch.stack([folder[i][0] for i in range(len(folder))])          # (N, 3, S, S) uint8
     if len(x) < 2:
         raise ConfigError(f"data.root: {cfg.root!r} holds {len(x)} image(s); need at least 2 to split")
-    return Dataset(*_split(x, cfg, eval_fraction=0.1), "image")
+    return _split(x, cfg, eval_fraction=0.1)
 
 
 mnist = _torchvision_dataset("MNIST")
@@ -162,6 +165,7 @@ cifar10 = _torchvision_dataset("CIFAR10")
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
+    """The dataset `cfg` names, as (train, eval) tensors with the modality its registry entry gives."""
     if cfg.name not in DATASETS:
         raise ConfigError(f"data.name: {cfg.name!r} is not one of {', '.join(DATASETS)}")
-    return DATASETS[cfg.name](cfg)
+    return Dataset(*DATASETS[cfg.name](cfg), DATASETS.entry(cfg.name).modality)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from .config import ConfigError
+from .errors import ConfigError
 
 # "Finite Scalar Quantization" (Mentzer et al. 2023), Table 1: levels recommended for a
 # target codebook size. The products are close to, not equal to, the targets (2^10 -> 1000
@@ -46,3 +46,13 @@ def lfq_bits(codebook_size: int, source: str = "config") -> int:
         raise ConfigError(f"{source}: quantizer.codebook_size: lfq needs a power of two (2^bits codes), "
                           f"not {codebook_size} (nearest: {2**bits} or {2**(bits + 1)})")
     return bits
+
+
+def fsq_size_rule(q, source: str = "config") -> None:
+    """The registry's size rule for fsq: `q` (a QuantizerConfig) names a possible codebook."""
+    fsq_levels(q.codebook_size, q.levels, source)
+
+
+def lfq_size_rule(q, source: str = "config") -> None:
+    """The registry's size rule for lfq: a power of two."""
+    lfq_bits(q.codebook_size, source)

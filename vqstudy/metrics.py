@@ -1,6 +1,6 @@
 """Codebook-health and reconstruction metrics, over the whole eval set.
 
-A single batch undercounts the codes in use when K is larger than the batch, which is
+Each metric's name, direction and meaning are in the catalogue (catalogue.py). A single batch undercounts the codes in use when K is larger than the batch, which is
 exactly the regime the scaling studies probe, so `EvalAccumulator` streams every eval
 batch into code counts and second moments, and the pure functions below turn those into:
 
@@ -20,6 +20,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from .catalogue import METRICS
 
 VARIANCE_COVERED = 0.99
 
@@ -78,8 +80,8 @@ def psnr(mse_per_image: Tensor) -> float:
 class EvalAccumulator:
     """Streams eval batches; `compute()` gives the metrics over everything seen."""
 
-    def __init__(self, codebook_size: int, dim: int, images: bool, device=None):
-        self.images = images
+    def __init__(self, codebook_size: int, dim: int, modality: str, device=None):
+        self.images = METRICS["psnr"].applies_to(modality)   # pixels in [0, 1]
         self.counts = torch.zeros(codebook_size, dtype=torch.long, device=device)
         self.z_sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.z_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)

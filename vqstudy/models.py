@@ -1,8 +1,10 @@
 """The VQ autoencoder: encoder -> quantizer -> decoder, with the capacity knobs the
 collapse studies sweep (`model.encoder_width`, `model.encoder_depth`, `model.latent_dim`).
 
-Images get a conv pair (stride-2 stages, residual blocks at the latent grid); vectors an
-MLP pair. The decoder has its own width/depth so that sweeping the encoder ("Early
+The encoder/decoder pair comes from the data's modality (modalities.py): images get a conv
+pair (stride-2 stages, residual blocks at the latent grid), vectors an MLP pair. Encoders
+output channel-first maps (B, D, *grid) of any grid rank; the autoencoder moves D last for
+the quantizer, so one class serves every modality. The decoder has its own width/depth so that sweeping the encoder ("Early
 Quantization Shrinks Codebook": small encoders cause embedding collapse) holds it fixed.
 """
 from __future__ import annotations
@@ -11,9 +13,12 @@ import dataclasses
 
 from torch import Tensor, nn
 
-from .config import ConfigError, TrialConfig
+from .config import TrialConfig
 from .data import Dataset
+from .errors import ConfigError
+from .modalities import MODALITIES
 from .quantizers import QuantOut, build_quantizer, options_of
+from .registry import load
 
 
 class ResBlock(nn.Module):
@@ -52,19 +57,34 @@ def mlp(n_in: int, width: int, depth: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(dims[-1], n_out))
 
 
+def mlp_autoencoder(cfg: TrialConfig, example_shape: tuple[int, ...]) -> tuple[nn.Module, nn.Module]:
+    """Vectors (n,): MLP encoder and decoder."""
+    m, (n,) = cfg.model, example_shape
+    return mlp(n, m.encoder_width, m.encoder_depth, m.latent_dim), mlp(m.latent_dim, m.decoder_width, m.decoder_depth, n)
+
+
+def conv_autoencoder(cfg: TrialConfig, example_shape: tuple[int, ...]) -> tuple[nn.Module, nn.Module]:
+    """Images (C, H, W): conv encoder and decoder; the sides must survive the stride-2 stages."""
+    m, (ch, h, w) = cfg.model, example_shape
+    stride = 2**m.downsample
+    if h % stride or w % stride:
+        raise ConfigError(f"model.downsample: {m.downsample} stride-2 stages need image sides divisible by "
+                          f"{stride}; {cfg.data.name} images are {h}x{w}")
+    return (conv_encoder(ch, m.encoder_width, m.encoder_depth, m.downsample, m.latent_dim),
+            conv_decoder(m.latent_dim, m.decoder_width, m.decoder_depth, m.downsample, ch))
+
+
 class VQAutoencoder(nn.Module):
-    def __init__(self, encoder: nn.Module, quantizer: nn.Module, decoder: nn.Module, spatial: bool):
+    def __init__(self, encoder: nn.Module, quantizer: nn.Module, decoder: nn.Module):
         super().__init__()
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
-        self.spatial = spatial
 
     def encode(self, x: Tensor) -> Tensor:
-        """x -> z_e, channel-last: (B, h, w, D) for images, (B, D) for vectors."""
-        z_e = self.encoder(x)
-        return z_e.permute(0, 2, 3, 1) if self.spatial else z_e
+        """x -> z_e, channel-last: (B, *grid, D); (B, h, w, D) for images, (B, D) for vectors."""
+        return self.encoder(x).movedim(1, -1)
 
     def decode(self, z_q: Tensor) -> Tensor:
-        return self.decoder(z_q.permute(0, 3, 1, 2) if self.spatial else z_q)
+        return self.decoder(z_q.movedim(-1, 1))
 
     def forward(self, x: Tensor, quantize: bool = True) -> tuple[Tensor, Tensor, QuantOut | None]:
         """Returns (x_hat, z_e, quantizer output). With quantize=False (deferred
@@ -73,11 +93,6 @@ class VQAutoencoder(nn.Module):
         out = self.quantizer(z_e) if quantize else None
         x_hat = self.decode(out.z_q if out is not None else z_e)
         return x_hat, z_e, out
-
-    def num_params(self) -> dict[str, int]:
-        """Trainable parameters by group (frozen buffers such as SimVQ's C are not counted)."""
-        count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
-        return {"encoder": count(self.encoder), "decoder": count(self.decoder), "quantizer": count(self.quantizer)}
 
 
 def quantizer_options(cfg: TrialConfig) -> dict:
@@ -88,18 +103,8 @@ def quantizer_options(cfg: TrialConfig) -> dict:
 
 
 def build_model(cfg: TrialConfig, data: Dataset) -> VQAutoencoder:
+    """The autoencoder of `cfg` for `data`: its modality's encoder/decoder around the quantizer."""
     m, q = cfg.model, cfg.quantizer
     quantizer = build_quantizer(q.name, dim=m.latent_dim, codebook_size=q.codebook_size, **quantizer_options(cfg))
-    if data.kind == "vector":
-        (n,) = data.example_shape
-        enc = mlp(n, m.encoder_width, m.encoder_depth, m.latent_dim)
-        dec = mlp(m.latent_dim, m.decoder_width, m.decoder_depth, n)
-        return VQAutoencoder(enc, quantizer, dec, spatial=False)
-    ch, h, w = data.example_shape
-    stride = 2**m.downsample
-    if h % stride or w % stride:
-        raise ConfigError(f"model.downsample: {m.downsample} stride-2 stages need image sides divisible by "
-                          f"{stride}; {cfg.data.name} images are {h}x{w}")
-    enc = conv_encoder(ch, m.encoder_width, m.encoder_depth, m.downsample, m.latent_dim)
-    dec = conv_decoder(m.latent_dim, m.decoder_width, m.decoder_depth, m.downsample, ch)
-    return VQAutoencoder(enc, quantizer, dec, spatial=True)
+    encoder, decoder = load(MODALITIES[data.modality].autoencoder)(cfg, data.example_shape)
+    return VQAutoencoder(encoder, quantizer, decoder)

@@ -4,8 +4,9 @@
 Ray's stock MLflow callback opens a new run whenever a trial (re)starts, so a retried or
 resumed trial would appear twice. Here a trial finds its child run by the tag
 `vqstudy.trial_id` and reopens it. Metrics go in one `log_batch` call per evaluation.
-The default store is an SQLite file given by an absolute URI: trials chdir into their
-own folders, and MLflow 3 refuses the old ./mlruns file store.
+A run ends with its trial's `Outcome` in the tag `vqstudy.outcome` (outcome.py maps it to
+and from MLflow's statuses). The default store is an SQLite file given by an absolute URI
+(folder.py): trials chdir into their own folders, and MLflow 3 refuses ./mlruns.
 """
 from __future__ import annotations
 
@@ -16,17 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .outcome import Outcome, mlflow_status
 
 TRIAL_TAG = "vqstudy.trial_id"
 STUDY_TAG = "vqstudy.study"
-FAILURE_TAG = "vqstudy.failure"
+OUTCOME_TAG = "vqstudy.outcome"             # the trial's Outcome, set when its run ends
+FAILURE_TAG = "vqstudy.failure"             # why it failed or diverged, in words
 RESTORED_TAG = "vqstudy.restored_at_step"   # set when a trial continued from a checkpoint
 STOPPED_TAG = "vqstudy.stopped_early_at_step"  # set when the scheduler (ASHA) stopped a trial
 PARENT_TAG = "mlflow.parentRunId"
-
-
-def default_uri(out_dir: Path) -> str:
-    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
 
 
 def _client(uri: str):
@@ -80,31 +79,32 @@ def start_parent(uri: str, experiment_id: str, run_name: str, tags: dict[str, st
     return run.info.run_id
 
 
-def _terminate(client, run_id: str, ok: bool, reason: str | None = None) -> None:
+def _terminate(client, run_id: str, outcome: Outcome, reason: str | None = None) -> None:
+    client.set_tag(run_id, OUTCOME_TAG, outcome.value)
     if reason:
         client.set_tag(run_id, FAILURE_TAG, reason[:5000])
-    client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+    client.set_terminated(run_id, status=mlflow_status(outcome))
 
 
-def finish_run(uri: str, run_id: str, ok: bool, reason: str | None = None) -> None:
-    _terminate(_client(uri), run_id, ok, reason)
+def finish_parent(uri: str, run_id: str, ok: bool) -> None:
+    """The study's parent run: FINISHED when every trial finished, FAILED otherwise."""
+    _client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
 
-def reconcile_children(uri: str, experiment_id: str, outcomes: dict[str, tuple[bool, int | None]]) -> None:
+def reconcile_children(uri: str, experiment_id: str, outcomes: dict[str, tuple[Outcome, int | None]]) -> None:
     """Settle child runs their trial left RUNNING (worker died) or KILLED (Tune stopped it),
-    from the driver's final view of each trial: trial id -> (finished without error, step
-    where a scheduler stopped it early, or None). A trial a scheduler stopped is a finished
-    trial, tagged with where it stopped."""
+    from the driver's final view of each trial: trial id -> (outcome, step reached). A trial
+    a scheduler stopped is tagged with the step where it stopped."""
     client = _client(uri)
     for status in ("RUNNING", "KILLED"):
         for run in client.search_runs([experiment_id], filter_string=f"attributes.status = '{status}'"):
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id not in outcomes:
                 continue
-            ok, stopped_at = outcomes[trial_id]
-            if stopped_at is not None:
-                client.set_tag(run.info.run_id, STOPPED_TAG, stopped_at)
-            _terminate(client, run.info.run_id, ok)
+            outcome, step = outcomes[trial_id]
+            if outcome is Outcome.STOPPED_EARLY:
+                client.set_tag(run.info.run_id, STOPPED_TAG, step)
+            _terminate(client, run.info.run_id, outcome)
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
@@ -155,7 +155,7 @@ class TrialRun:
                                    max_results=1)
         if found:  # a retry or a resume: the earlier attempt's verdict no longer holds
             run_id = found[0].info.run_id
-            for tag in (FAILURE_TAG, STOPPED_TAG):
+            for tag in (OUTCOME_TAG, FAILURE_TAG, STOPPED_TAG):
                 if tag in found[0].data.tags:
                     client.delete_tag(run_id, tag)
             client.update_run(run_id, status="RUNNING")
@@ -191,6 +191,6 @@ class TrialRun:
         while self.pending:
             self.pending.pop(0).result()
 
-    def finish(self, ok: bool, reason: str | None = None) -> None:
+    def finish(self, outcome: Outcome, reason: str | None = None) -> None:
         self.flush()
-        _terminate(self.client, self.run_id, ok, reason)
+        _terminate(self.client, self.run_id, outcome, reason)

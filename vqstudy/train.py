@@ -4,7 +4,9 @@ The CLI, the Ray trainable and the tests all call this function; integrations st
 of it (no ray, optuna or mlflow imports). Adam on recon MSE + the quantizer's named
 losses; every `train.eval_every` steps the whole eval set is measured, a checkpoint is
 written (if asked) and `report(metrics)` is called, in that order, so a scheduler that
-receives the report can attach the checkpoint that matches it.
+receives the report can attach the checkpoint that matches it. After the last evaluation
+(and before its report) `on_end(Trained)` hands the caller the model, data and final code
+counts that train() holds anyway, so per-trial figures need no second model or dataset.
 
 Deferred quantization ("Early Quantization Shrinks Codebook"): for
 `quantizer.warmup_steps` steps the model trains as a continuous autoencoder, then (with
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +32,17 @@ from .models import VQAutoencoder, build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
 Report = Callable[[dict], None]
+
+
+@dataclass
+class Trained:
+    """What a finished train() holds: the model, its data and the final eval's code counts."""
+    cfg: TrialConfig
+    model: VQAutoencoder
+    data: Dataset
+    device: torch.device
+    counts: torch.Tensor     # (num_codes,) assignments over the whole eval set
+    metrics: dict
 
 
 class Diverged(RuntimeError):
@@ -74,7 +88,7 @@ def collect_latents(model: VQAutoencoder, x: torch.Tensor, n: int, batch_size: i
 def eval_pass(model: VQAutoencoder, data: Dataset, cfg: TrialConfig, device, quantize: bool = True) -> EvalAccumulator:
     """One pass over the whole eval set, accumulated (code counts, moments, errors)."""
     model.eval()
-    acc = EvalAccumulator(model.quantizer.num_codes, cfg.model.latent_dim, data.kind == "image", device)
+    acc = EvalAccumulator(model.quantizer.num_codes, cfg.model.latent_dim, data.modality, device)
     for i in range(0, data.eval.shape[0], cfg.train.eval_batch_size):
         x = to_float(data.eval[i:i + cfg.train.eval_batch_size]).to(device)
         z_e = model.encode(x)
@@ -86,11 +100,12 @@ def eval_pass(model: VQAutoencoder, data: Dataset, cfg: TrialConfig, device, qua
 
 
 @torch.no_grad()
-def evaluate(model: VQAutoencoder, data: Dataset, cfg: TrialConfig, device, quantize: bool = True) -> dict:
-    """Metrics over the whole eval set (see metrics.py). During deferred quantization's
-    warmup (quantize=False) the decoder sees z_e, and the code metrics are those the
-    current codebook would give."""
-    return eval_pass(model, data, cfg, device, quantize).compute(codebook_covariance(model.quantizer))
+def evaluate(model: VQAutoencoder, data: Dataset, cfg: TrialConfig, device, quantize: bool = True) -> tuple[dict, torch.Tensor]:
+    """Metrics over the whole eval set (see metrics.py) and the code counts behind them.
+    During deferred quantization's warmup (quantize=False) the decoder sees z_e, and the
+    code metrics are those the current codebook would give."""
+    acc = eval_pass(model, data, cfg, device, quantize)
+    return acc.compute(codebook_covariance(model.quantizer)), acc.counts
 
 
 def checkpoint_step(checkpoint_dir: str | Path) -> int | None:
@@ -99,16 +114,6 @@ def checkpoint_step(checkpoint_dir: str | Path) -> int | None:
     if not path.exists():
         return None
     return int(torch.load(path, map_location="cpu", weights_only=True)["state"]["step"])
-
-
-def restore_model(cfg: TrialConfig, checkpoint_dir: str | Path) -> tuple[VQAutoencoder, Dataset, torch.device]:
-    """The model of a trial's latest checkpoint, with its data, for figures and analysis."""
-    device = pick_device(cfg.train.device)
-    data = load_dataset(cfg.data)
-    model = build_model(cfg, data).to(device)
-    ckpt = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), data, device
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -131,9 +136,37 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | Path | None = None) -> dict:
+def total_loss(model: VQAutoencoder, x: torch.Tensor, quantize: bool) -> torch.Tensor:
+    """Reconstruction MSE plus the quantizer's named losses (none during the warmup)."""
+    x_hat, _, out = model(x, quantize=quantize)
+    loss = F.mse_loss(x_hat, x)
+    return loss + sum(out.losses.values()) if out is not None else loss
+
+
+def _restore(ckpt_path: Path | None, model, opt, batches: torch.Generator, device, state: dict) -> dict:
+    """Load a checkpoint into model, optimizer and RNGs; returns the loop state it saved."""
+    if not (ckpt_path and ckpt_path.exists()):
+        return state
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    batches.set_state(ckpt["batch_rng"])
+    _set_rng_state(ckpt["rng"])
+    return ckpt["state"]
+
+
+def _save(ckpt_path: Path, model, opt, batches: torch.Generator, state: dict) -> None:
+    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "batch_rng": batches.get_state(), "rng": _rng_state(), "state": state})
+
+
+def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | Path | None = None,
+          on_end: Callable[[Trained], None] | None = None) -> dict:
     """Train one trial and return its final metrics. Resumes from `checkpoint_dir` when a
-    checkpoint is there, ending with the same metrics as an uninterrupted run (CPU)."""
+    checkpoint is there, ending with the same metrics as an uninterrupted run (CPU).
+    `on_end` runs once, after the last evaluation and before its report (a scheduler may
+    stop the trial inside that report), also when a checkpoint of the last step is resumed."""
     tc, qc = cfg.train, cfg.quantizer
     device = pick_device(tc.device)
     torch.manual_seed(tc.seed)
@@ -141,33 +174,22 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
     model = build_model(cfg, data).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     batches = torch.Generator().manual_seed(tc.seed)
-    state = {"step": 0, "metrics": {}, "codebook_initialized": qc.init != "kmeans",
-             "train_time_s": 0.0, "step_time_s": 0.0}
-
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
-    if ckpt_path and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        batches.set_state(ckpt["batch_rng"])
-        _set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
+    state = _restore(ckpt_path, model, opt, batches, device,
+                     {"step": 0, "metrics": {}, "codebook_initialized": qc.init != "kmeans",
+                      "train_time_s": 0.0, "step_time_s": 0.0})
 
-    metrics = state["metrics"]
+    metrics, counts = state["metrics"], None
     wall_start, wall_before = time.perf_counter(), state["train_time_s"]
     while state["step"] < tc.steps:
         t0 = time.perf_counter()
         quantize = state["step"] >= qc.warmup_steps
-        if quantize and not state["codebook_initialized"]:
+        if quantize and not state["codebook_initialized"]:  # deferred (or early) k-means init
             z = collect_latents(model, data.train, kmeans_sample_size(qc.codebook_size), tc.eval_batch_size, device)
             model.quantizer.init_from_data(z, qc.kmeans_iters)
             state["codebook_initialized"] = True
 
-        x = get_batch(data.train, tc.batch_size, batches, device)
-        x_hat, _, out = model(x, quantize=quantize)
-        loss = F.mse_loss(x_hat, x)
-        if out is not None:
-            loss = loss + sum(out.losses.values())
+        loss = total_loss(model, get_batch(data.train, tc.batch_size, batches, device), quantize)
         if not math.isfinite(loss.item()):
             raise Diverged(state["step"] + 1, metrics, loss.item())
         opt.zero_grad(set_to_none=True)
@@ -177,19 +199,21 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
         state["step_time_s"] += time.perf_counter() - t0
 
         if state["step"] % tc.eval_every == 0 or state["step"] == tc.steps:
-            evaluated = evaluate(model, data, cfg, device, quantize)
+            evaluated, counts = evaluate(model, data, cfg, device, quantize)
             if not math.isfinite(evaluated["recon_mse"]):
                 raise Diverged(state["step"], metrics, evaluated["recon_mse"])
-            metrics = {"step": state["step"], "train_loss": loss.item(), **evaluated}
             state["train_time_s"] = wall_before + time.perf_counter() - wall_start
-            metrics["train_time_s"] = state["train_time_s"]
-            metrics["samples_per_s"] = state["step"] * tc.batch_size / max(state["step_time_s"], 1e-9)
+            metrics = {"step": state["step"], "train_loss": loss.item(), **evaluated,
+                       "train_time_s": state["train_time_s"],
+                       "samples_per_s": state["step"] * tc.batch_size / max(state["step_time_s"], 1e-9)}
             state["metrics"] = metrics
             if ckpt_path:
-                ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-                save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                            "batch_rng": batches.get_state(), "rng": _rng_state(),
-                                            "state": state})
+                _save(ckpt_path, model, opt, batches, state)
+            if on_end and state["step"] == tc.steps:
+                on_end(Trained(cfg, model, data, device, counts, dict(metrics)))
             if report:
                 report(dict(metrics))
+    if on_end and counts is None:  # resumed at the last step: nothing trained, nothing reported
+        counts = eval_pass(model, data, cfg, device).counts
+        on_end(Trained(cfg, model, data, device, counts, dict(metrics)))
     return metrics

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import ConfigError, all_keys
-from ..runner import load_folder
+from ..config import all_keys
+from ..errors import ConfigError
+from ..folder import Records, StudyFolder
+from ..outcome import Outcome
 from ..study import Study
 from .export import export_runs
 from .fits import Fit, fit
@@ -31,11 +33,11 @@ CURVES = {"utilization": "saturating", "recon_mse": "power"}   # metric -> fitte
 MAX_GROUP_VALUES = 12   # a swept key with more values (a searched lr) is not a grouping key
 
 
-def export_study(out_dir: Path, output: Path | None = None, state: dict | None = None):
+def export_study(out_dir: Path, output: Path | None = None, records: Records | None = None):
     """Export a study folder's trials to Parquet (default DIR/results.parquet)."""
     out_dir = Path(out_dir)
-    state = state or load_folder(out_dir)[1]
-    return export_runs(state["tracking_uri"], state["experiment_id"], state["parent_run_id"],
+    records = records or StudyFolder(out_dir).load()[1]
+    return export_runs(records.tracking_uri, records.experiment_id, records.parent_run_id,
                        output or out_dir / RESULTS_FILE)
 
 
@@ -94,18 +96,17 @@ def make_figures(df: pd.DataFrame, fits: list[Fit], study: Study, out: Path) -> 
         if df[K].nunique() < 2:  # with K swept, utilization is already plotted against K
             paths += capacity_plot(df, out / "utilization_vs_encoder_width", y_key="utilization", panel_key=panel,
                                    title=f"{study.name}: codes in use vs encoder capacity")
-    if study.multi_objective or {"recon_mse", "utilization"} <= set(study.metric):
+    if study.multi_objective or {"recon_mse", "utilization"} <= set(study.sweep.metric):
         paths += pareto_plot(df, out / "pareto_recon_vs_utilization", title=f"{study.name}: trade-off")
     return paths
 
 
 def _summary(study: Study, df: pd.DataFrame, used: pd.DataFrame) -> str:
-    finished = int((df["status"] == "FINISHED").sum())
-    stopped = int(df["stopped_early_at_step"].notna().sum())
+    counts = df["status"].value_counts()
+    ended = ", ".join(f"{counts[o.value]} {o.value.replace('_', ' ')}" for o in Outcome if o.value in counts)
     swept = ", ".join(k for k in swept_keys(df) if k != "train.seed") or "nothing"
-    return (f"{study.description or study.name}. {len(df)} trials: {finished} finished "
-            f"({stopped} stopped early by the scheduler), {int(df['diverged'].sum())} diverged, "
-            f"{len(df) - finished} not finished. Swept: {swept}; {df['train.seed'].nunique()} seed(s) per point. "
+    return (f"{study.description or study.name}. {len(df)} trials: {ended}. Swept: {swept}; "
+            f"{df['train.seed'].nunique()} seed(s) per point. "
             f"{len(used)} trials that ran to the end enter the fits and figures.")
 
 
@@ -123,9 +124,9 @@ def analyze(out_dir: Path, *, threshold: float = 0.5, n_boot: int = 200) -> list
     from .. import tracking
 
     out_dir = Path(out_dir)
-    study, state = load_folder(out_dir)
-    df = export_study(out_dir, state=state).to_pandas()
-    used = df[(df["status"] == "FINISHED") & ~df["diverged"] & df["stopped_early_at_step"].isna()]
+    study, records = StudyFolder(out_dir).load()
+    df = export_study(out_dir, records=records).to_pandas()
+    used = df[df["status"] == Outcome.FINISHED.value]
     if used.empty:
         raise ConfigError(f"{out_dir}: no finished trials to analyze ({len(df)} trials recorded)")
     out = out_dir / ANALYSIS_DIR
@@ -134,5 +135,5 @@ def analyze(out_dir: Path, *, threshold: float = 0.5, n_boot: int = 200) -> list
     figures = make_figures(used, fits, study, out)
     written = [out_dir / RESULTS_FILE, write_fit_table(fits, out / "fits.csv"), *figures]
     written += write_report(out, f"vqstudy report: {study.name}", _summary(study, df, used), fits, figures)
-    tracking.log_artifacts(state["tracking_uri"], state["parent_run_id"], written, artifact_path=ANALYSIS_DIR)
+    tracking.log_artifacts(records.tracking_uri, records.parent_run_id, written, artifact_path=ANALYSIS_DIR)
     return written

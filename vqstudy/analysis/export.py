@@ -1,8 +1,9 @@
 """Export a study's trials from MLflow to one tidy table (pyarrow -> Parquet).
 
 One row per trial: the flattened config under its dotted keys (typed as the config types
-them), the final metrics, and `study`, `trial_id`, `status`, `diverged`,
-`stopped_early_at_step`, `mlflow_run_id`, `runtime_s`, `steps`.
+them), the final metrics (every entry of the metrics catalogue, typed as it says), and
+`study`, `trial_id`, `status` (the trial's Outcome: finished, stopped_early, diverged,
+failed, not_finished), `stopped_early_at_step`, `mlflow_run_id`, `runtime_s`, `steps`.
 
 MLflow is the record (it also holds trials of a remote study), but its `search_runs`
 builds a Python object per run, param, metric and tag. For an SQLite store the table is
@@ -18,20 +19,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..config import ConfigError, all_keys, coerce, key_type
-from ..tracking import FAILURE_TAG, PARENT_TAG, STOPPED_TAG, STUDY_TAG, TRIAL_TAG
+from ..catalogue import METRICS
+from ..config import all_keys, coerce, key_type
+from ..errors import ConfigError
+from ..outcome import from_mlflow
+from ..tracking import OUTCOME_TAG, PARENT_TAG, STOPPED_TAG, STUDY_TAG, TRIAL_TAG
 
-# Final metrics exported (those a trial logs); integers where the value is a count.
-METRIC_COLUMNS = {
-    "recon_mse": pa.float64(), "psnr": pa.float64(), "utilization": pa.float64(),
-    "perplexity": pa.float64(), "normalized_entropy": pa.float64(), "dead_codes": pa.int64(), "num_codes": pa.int64(),
-    "quant_error": pa.float64(), "effective_dim": pa.float64(), "codebook_effective_dim": pa.float64(),
-    "train_loss": pa.float64(), "train_time_s": pa.float64(), "samples_per_s": pa.float64(),
-    "reporting_time_s": pa.float64(), "artifacts_time_s": pa.float64(),
-}
+METRIC_COLUMNS = {name: pa.type_for_alias(m.dtype) for name, m in METRICS.items()}
 RECORD_COLUMNS = {
-    "study": pa.string(), "trial_id": pa.string(), "status": pa.string(), "diverged": pa.bool_(),
-    "stopped_early_at_step": pa.int64(), "mlflow_run_id": pa.string(), "runtime_s": pa.float64(),
+    "study": pa.string(), "trial_id": pa.string(), "status": pa.string(), "stopped_early_at_step": pa.int64(), "mlflow_run_id": pa.string(), "runtime_s": pa.float64(),
     "steps": pa.int64(),
 }
 _ARROW = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string(),
@@ -121,12 +117,10 @@ def to_table(runs: list[dict[str, Any]]) -> pa.Table:
     config_keys, metric_keys = list(config_columns()), list(METRIC_COLUMNS)
     for run in sorted(runs, key=lambda r: (r["tags"].get(TRIAL_TAG) or "", r["run_id"])):
         tags, metrics, params = run["tags"], run["metrics"], run["params"]
-        failure = tags.get(FAILURE_TAG) or ""
         stopped = tags.get(STOPPED_TAG)
         columns["study"].append(tags.get(STUDY_TAG))
         columns["trial_id"].append(tags.get(TRIAL_TAG))
-        columns["status"].append(run["status"])
-        columns["diverged"].append(failure.startswith("diverged"))
+        columns["status"].append(from_mlflow(run["status"], tags.get(OUTCOME_TAG)).value)
         columns["stopped_early_at_step"].append(int(stopped) if stopped else None)
         columns["mlflow_run_id"].append(run["run_id"])
         columns["runtime_s"].append((run["end"] - run["start"]) / 1000 if run["end"] and run["start"] else None)

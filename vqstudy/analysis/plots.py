@@ -10,24 +10,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..catalogue import METRICS
+from ..figures import new_figure
 from .fits import Fit
 
 COLORS = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:gray"]
-LABELS = {
+LABELS = {  # axis labels of the swept config keys; metrics label themselves (catalogue)
     "quantizer.codebook_size": "codebook size K",
     "model.encoder_width": "encoder width (channels / hidden units)",
     "model.latent_dim": "latent dimension D",
-    "recon_mse": "reconstruction MSE (per element)",
-    "utilization": "codebook utilization (fraction of codes used)",
-    "effective_dim": "effective dim of encoder outputs (PCs for 99% var.)",
-    "psnr": "PSNR (dB)",
+    **{name: m.label for name, m in METRICS.items()},
 }
 
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+    return new_figure(width, height, dpi=110, layout="constrained")
 
 
 def _save(fig, stem: Path) -> list[Path]:

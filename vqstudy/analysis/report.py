@@ -7,6 +7,7 @@ import base64
 import html
 from pathlib import Path
 
+from ..tables import fmt
 from .fits import Fit
 
 
@@ -15,11 +16,7 @@ def _group_label(f: Fit) -> str:
 
 
 def _num(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1000:
-        return f"{v:,.0f}"
-    return f"{v:.3g}"
+    return fmt(float(v), 3)
 
 
 def fit_rows(fits: list[Fit]) -> list[dict[str, str]]:

@@ -5,7 +5,8 @@ Every entry is a module built as `cls(dim, codebook_size, **options)` whose
 whose `decode(indices)` gives back z_q, whose `num_codes` is the size of its codebook
 (FSQ: the product of its levels) and whose `codebook` property returns the materialized
 codes (K, D). Implicit codebooks (FSQ, LFQ) also give `implicit_covariance()`, so that
-metrics never list their codes. Entries with `init_from_data` accept k-means init.
+metrics never list their codes. Entries whose registry metadata says `kmeans` have
+`init_from_data(z, iters)` (a test holds the two together).
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from typing import Any
 
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..registry import QUANTIZERS
 from ._common import QuantOut, nearest_code
 
-__all__ = ["QUANTIZERS", "QuantOut", "build_quantizer", "options_of", "nearest_code", "supports_kmeans"]
+__all__ = ["QUANTIZERS", "QuantOut", "build_quantizer", "options_of", "nearest_code"]
 
 
 def _lookup(name: str) -> type[nn.Module]:
@@ -31,10 +32,6 @@ def options_of(name: str) -> dict[str, Any]:
     """Option name -> default, for the quantizer `name` (its keyword-only arguments)."""
     params = inspect.signature(_lookup(name).__init__).parameters.values()
     return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
-
-
-def supports_kmeans(name: str) -> bool:
-    return hasattr(_lookup(name), "init_from_data")
 
 
 def build_quantizer(name: str, *, dim: int, codebook_size: int, **options: Any) -> nn.Module:

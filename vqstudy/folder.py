@@ -1,0 +1,120 @@
+"""The study folder: its layout, what it stores about itself, and reading its trials back.
+
+    DIR/study.yaml     the study as resolved (includes merged, --set applied): what resume reruns
+    DIR/vqstudy.json   where its records are (`Records`): tracking URI, experiment and parent-run ids
+    DIR/ray/           Ray Tune's experiment state, trial folders and checkpoints
+    DIR/mlflow.db      the default MLflow store, DIR/mlartifacts/ its artifacts
+
+The driver creates a folder; `resume`, `status`, `export` and `analyze` read it. No other
+module knows this layout. Reading it needs no Ray cluster (Ray's stored state is parsed
+from disk).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .catalogue import HEADLINE
+from .errors import ConfigError
+from .outcome import from_ray
+from .study import Study, parse_study
+
+RAY_DIR = "ray"
+RECORDS_FILE = "vqstudy.json"
+STUDY_FILE = "study.yaml"
+
+
+@dataclass
+class Records:
+    """Where a study's records are (vqstudy.json)."""
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    study_path: str | None = None     # the study file it was started from (for its git commit)
+
+
+class StudyFolder:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def ray_dir(self) -> Path:
+        return self.root / RAY_DIR
+
+    @property
+    def default_tracking_uri(self) -> str:
+        """The embedded store: an absolute sqlite URI (trials chdir into their own folders)."""
+        return f"sqlite:///{self.root.resolve() / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.root / "mlartifacts"
+
+    def has_run(self) -> bool:
+        """A study has been started here (Ray's folder exists)."""
+        return self.ray_dir.exists()
+
+    def write_study(self, study: Study) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / STUDY_FILE).write_text(yaml.safe_dump(study.to_raw(), sort_keys=False))
+
+    def write_records(self, records: Records) -> None:
+        (self.root / RECORDS_FILE).write_text(json.dumps(dataclasses.asdict(records), indent=2))
+
+    def load(self) -> tuple[Study, Records]:
+        """The stored study and records (ConfigError if this is not a study folder)."""
+        if not self.root.is_dir():
+            raise ConfigError(f"{self.root}: no such study folder")
+        if not (self.root / RECORDS_FILE).exists() or not (self.root / STUDY_FILE).exists():
+            raise ConfigError(f"{self.root}: not a study folder (no {RECORDS_FILE}; "
+                              f"`vqstudy run STUDY.yaml --out DIR` makes one)")
+        records = Records(**json.loads((self.root / RECORDS_FILE).read_text()))
+        study = parse_study(yaml.safe_load((self.root / STUDY_FILE).read_text()), self.root / STUDY_FILE)
+        if records.study_path:
+            study.path = Path(records.study_path)
+        return study, records
+
+    def check_ray_state(self) -> None:
+        """Ray writes its experiment state in place (not atomically); a driver killed during that
+        write leaves it empty, and Tune would then resume only part of the study without saying
+        so. Refuse instead, naming the file."""
+        states = sorted(self.ray_dir.glob("experiment_state-*.json"))
+        if not states:
+            raise ConfigError(f"{self.ray_dir}: no Ray experiment state to resume from")
+        try:
+            json.loads(states[-1].read_text())
+        except ValueError:
+            raise ConfigError(f"{states[-1]}: Ray's experiment state is empty or cut short (the driver was killed "
+                              f"while Ray wrote it); this study cannot be resumed: run it again into a new --out") from None
+
+    def trial_rows(self, study: Study) -> list[dict[str, Any]]:
+        """One row per trial Ray knows, in the order of the study's points: trial_id, outcome,
+        failures, the trial's config keys, the step reached and the headline metrics."""
+        from ray.tune import ExperimentAnalysis
+
+        analysis = ExperimentAnalysis(str(self.ray_dir.resolve()))
+        rows = []
+        for t in sorted(analysis.trials, key=_grid_order(study)):
+            result = t.last_result or {}
+            rows.append({"trial_id": t.trial_id, "outcome": from_ray(t.status, result, study.planned_steps(t.config)),
+                         "failures": t.num_failures, **t.config,
+                         **{k: result[k] for k in ("step", *HEADLINE) if k in result}})
+        return rows
+
+
+def _grid_order(study: Study):
+    """Sort key putting trials in the order of the study's points (then by trial id)."""
+    points = study.points()
+    index = {tuple(sorted(p.items())): i for i, p in enumerate(points)}
+    keys = list(points[0])
+
+    def key(trial):
+        point = tuple(sorted((k, trial.config.get(k)) for k in keys))
+        return index.get(point, len(index)), trial.trial_id
+    return key
+
