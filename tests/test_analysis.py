@@ -61,6 +61,7 @@ def test_robust_loss_ignores_one_bad_seed():
     assert fit(x, y, "power", n_boot=10).params["alpha"] == pytest.approx(0.6, abs=0.07)
 
 
+@pytest.mark.slow
 def test_confidence_intervals_cover_the_truth():
     """Over 100 synthetic repetitions the 95% bootstrap CI covers each true parameter >= 90 times."""
     rng = np.random.default_rng(3)

@@ -28,7 +28,8 @@ def internal_imports(name: str, path: Path) -> set[str]:
             if node.level:
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
-            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            submodules = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
+            targets = submodules or [base]   # `from . import fields` imports the module, not the package
         elif isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         else:

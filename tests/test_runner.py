@@ -26,7 +26,7 @@ from vqstudy.train import train
 
 from .conftest import tiny_study
 
-pytestmark = pytest.mark.usefixtures("ray_address")
+pytestmark = [pytest.mark.usefixtures("ray_address"), pytest.mark.slow]
 
 
 def mlflow_runs(out_dir, experiment: str):

@@ -8,13 +8,11 @@ import sys
 import pytest
 import torch
 
+from vqstudy.catalogue import eval_metrics
 from vqstudy.quantizers import QUANTIZERS
 from vqstudy.train import CHECKPOINT_FILE, Diverged, train
 
 from .conftest import tiny_config
-
-METRIC_KEYS = {"step", "recon_mse", "utilization", "perplexity", "normalized_entropy", "dead_codes", "num_codes",
-               "quant_error", "effective_dim", "codebook_effective_dim", "train_time_s", "samples_per_s"}
 
 
 # tiny_config has K = 32, which FSQ reaches only with explicit levels
@@ -27,7 +25,7 @@ def test_smoke_vectors(name):
     reports = []
     metrics = train(tiny_config(**{"quantizer.name": name}, **K32_OPTIONS.get(name, {})), report=reports.append)
     assert [r["step"] for r in reports] == [10, 20] and reports[-1] == metrics
-    assert METRIC_KEYS <= metrics.keys() and "psnr" not in metrics
+    assert metrics.keys() == {"step", *eval_metrics("vector")}   # exactly what the catalogue lists
     assert all(torch.isfinite(torch.tensor(float(v))) for v in metrics.values())
     assert metrics["num_codes"] == 32
     assert 0 < metrics["utilization"] <= 1 and metrics["dead_codes"] == round(32 * (1 - metrics["utilization"]))
@@ -46,7 +44,7 @@ def test_smoke_images_and_loss_decreases():
                          "train.lr": 3e-3, "model.encoder_depth": 1, "model.decoder_depth": 1})
     reports = []
     metrics = train(cfg, report=reports.append)
-    assert "psnr" in metrics and metrics["psnr"] > 0
+    assert metrics.keys() == {"step", *eval_metrics("image")} and metrics["psnr"] > 0
     assert reports[-1]["recon_mse"] < reports[0]["recon_mse"]
 
 
@@ -88,7 +86,7 @@ def test_checkpoint_resume_equals_uninterrupted(overrides, tmp_path):
         train(cfg, report=die_at_20, checkpoint_dir=tmp_path)
     assert (tmp_path / CHECKPOINT_FILE).exists()
     resumed = train(cfg, checkpoint_dir=tmp_path)
-    for key in METRIC_KEYS - {"train_time_s", "samples_per_s"}:
+    for key in {"step", *eval_metrics("vector")} - {"train_time_s", "samples_per_s"}:
         assert resumed[key] == uninterrupted[key], key
 
 
@@ -100,10 +98,25 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
 
 
 def test_finished_checkpoint_returns_without_training(tmp_path):
-    """Resuming a finished trial returns its final metrics at once."""
-    first = train(tiny_config(), checkpoint_dir=tmp_path)
+    """Resuming a finished trial returns its final metrics at once, and still hands on_end the
+    trained model with the same final code counts."""
+    ended = []
+    first = train(tiny_config(), checkpoint_dir=tmp_path, on_end=ended.append)
     calls = []
-    assert train(tiny_config(), report=calls.append, checkpoint_dir=tmp_path) == first and calls == []
+    assert train(tiny_config(), report=calls.append, checkpoint_dir=tmp_path, on_end=ended.append) == first
+    assert calls == [] and len(ended) == 2
+    assert torch.equal(ended[0].counts, ended[1].counts) and ended[1].metrics == first
+
+
+def test_on_end_runs_once_before_the_last_report():
+    """on_end gets the final metrics and the code counts behind them, before the last report."""
+    events = []
+    train(tiny_config(), report=lambda m: events.append(("report", m["step"])),
+          on_end=lambda t: events.append(("end", t)))
+    assert [e[0] for e in events] == ["report", "end", "report"]
+    trained = events[1][1]
+    used = int((trained.counts > 0).sum())
+    assert trained.counts.sum() == 128 and used / 32 == trained.metrics["utilization"]
 
 
 def test_divergence_raises_with_step_and_last_metrics():

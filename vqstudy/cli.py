@@ -18,6 +18,7 @@ import json
 import sys
 import time
 
+from .catalogue import HEADLINE
 from .config import TrialConfig, describe
 from .errors import ConfigError
 from .fields import parse_assignments
@@ -93,9 +94,8 @@ def progress_printer(total_steps: int):
     tty = sys.stderr.isatty()
 
     def report(m: dict) -> None:
-        line = (f"step {m['step']}/{total_steps}  recon_mse {m['recon_mse']:.5f}  "
-                f"utilization {m['utilization']:.3f}  perplexity {m['perplexity']:.1f}  "
-                f"[{time.perf_counter() - start:.1f}s]")
+        headline = "  ".join(f"{k} {fmt(m[k])}" for k in HEADLINE)
+        line = f"step {m['step']}/{total_steps}  {headline}  [{time.perf_counter() - start:.1f}s]"
         sys.stderr.write(("\r" + line) if tty else (line + "\n"))
         sys.stderr.flush()
 
@@ -176,12 +176,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .analysis import export_study
     from .analysis.export import export_runs
+    from .folder import StudyFolder
 
     if bool(args.dir) == bool(args.experiment):
         raise ConfigError("export: give a study folder or --experiment NAME (one of them)")
     if args.dir:
         table = export_study(Path(args.dir), Path(args.output) if args.output else None)
-        where = args.output or Path(args.dir) / "results.parquet"
+        where = args.output or StudyFolder(args.dir).results_file
     else:
         uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri or not args.output:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from . import tracking
+from .catalogue import HEADLINE
 from .errors import ConfigError
 from .folder import Records, StudyFolder
 from .outcome import Outcome, all_ok, from_ray
@@ -91,7 +92,7 @@ def _progress_callback(study: Study):
             self.done += 1
             r = trial.last_result or {}
             params = " ".join(f"{k.split('.')[-1]}={fmt(trial.config.get(k), 3)}" for k in study.varied_keys)
-            metric = f"recon_mse={fmt(r['recon_mse'])} utilization={fmt(r['utilization'])}" if "utilization" in r else ""
+            metric = " ".join(f"{k}={fmt(r[k])}" for k in HEADLINE if k in r)
             sys.stderr.write(f"[{self.done}/{study.num_trials}] {trial.trial_id} {outcome.value:<13} {params} {metric}\n")
             sys.stderr.flush()
 

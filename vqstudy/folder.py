@@ -4,6 +4,7 @@
     DIR/vqstudy.json   where its records are (`Records`): tracking URI, experiment and parent-run ids
     DIR/ray/           Ray Tune's experiment state, trial folders and checkpoints
     DIR/mlflow.db      the default MLflow store, DIR/mlartifacts/ its artifacts
+    DIR/results.parquet  the export (`vqstudy export`); DIR/analysis/ fits, figures, report
 
 The driver creates a folder; `resume`, `status`, `export` and `analyze` read it. No other
 module knows this layout. Reading it needs no Ray cluster (Ray's stored state is parsed
@@ -54,6 +55,14 @@ class StudyFolder:
     @property
     def artifact_root(self) -> Path:
         return self.root / "mlartifacts"
+
+    @property
+    def results_file(self) -> Path:
+        return self.root / "results.parquet"
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.root / "analysis"
 
     def has_run(self) -> bool:
         """A study has been started here (Ray's folder exists)."""

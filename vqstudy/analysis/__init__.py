@@ -26,8 +26,6 @@ from .fits import Fit, fit
 from .plots import capacity_plot, pareto_plot, scaling_plot
 from .report import fit_rows, write_report
 
-RESULTS_FILE = "results.parquet"
-ANALYSIS_DIR = "analysis"
 K = "quantizer.codebook_size"
 CURVES = {"utilization": "saturating", "recon_mse": "power"}   # metric -> fitted form
 MAX_GROUP_VALUES = 12   # a swept key with more values (a searched lr) is not a grouping key
@@ -35,10 +33,10 @@ MAX_GROUP_VALUES = 12   # a swept key with more values (a searched lr) is not a 
 
 def export_study(out_dir: Path, output: Path | None = None, records: Records | None = None):
     """Export a study folder's trials to Parquet (default DIR/results.parquet)."""
-    out_dir = Path(out_dir)
-    records = records or StudyFolder(out_dir).load()[1]
+    folder = StudyFolder(out_dir)
+    records = records or folder.load()[1]
     return export_runs(records.tracking_uri, records.experiment_id, records.parent_run_id,
-                       output or out_dir / RESULTS_FILE)
+                       output or folder.results_file)
 
 
 def swept_keys(df: pd.DataFrame) -> list[str]:
@@ -123,17 +121,17 @@ def analyze(out_dir: Path, *, threshold: float = 0.5, n_boot: int = 200) -> list
     """Export + fits + plots + report for a study folder; returns the files written."""
     from .. import tracking
 
-    out_dir = Path(out_dir)
-    study, records = StudyFolder(out_dir).load()
+    folder = StudyFolder(out_dir)
+    study, records = folder.load()
     df = export_study(out_dir, records=records).to_pandas()
     used = df[df["status"] == Outcome.FINISHED.value]
     if used.empty:
         raise ConfigError(f"{out_dir}: no finished trials to analyze ({len(df)} trials recorded)")
-    out = out_dir / ANALYSIS_DIR
+    out = folder.analysis_dir
     out.mkdir(exist_ok=True)
     fits = fit_curves(used, threshold=threshold, n_boot=n_boot)
     figures = make_figures(used, fits, study, out)
-    written = [out_dir / RESULTS_FILE, write_fit_table(fits, out / "fits.csv"), *figures]
+    written = [folder.results_file, write_fit_table(fits, out / "fits.csv"), *figures]
     written += write_report(out, f"vqstudy report: {study.name}", _summary(study, df, used), fits, figures)
-    tracking.log_artifacts(records.tracking_uri, records.parent_run_id, written, artifact_path=ANALYSIS_DIR)
+    tracking.log_artifacts(records.tracking_uri, records.parent_run_id, written, artifact_path=out.name)
     return written
