@@ -110,9 +110,9 @@ def fake_store(tmp_path, n=6):
                                            + (["quantizer.levels=8,4"] if i == 1 else []))
         run = tracking.TrialRun.open(uri, exp, parent, f"t{i:02d}", f"t{i}", cfg.to_flat(), {tracking.STUDY_TAG: "fake"})
         for step in (100, 200):
-            run.log_metrics({"step": step, "recon_mse": 1 / (i + step), "utilization": 0.5, "dead_codes": 7,
-                             "train_time_s": 2.0}, step=step)
-        run.finish(Outcome.DIVERGED if i == 3 else Outcome.FINISHED, reason="loss became nan at step 5" if i == 3 else None)
+            run.log({"step": step, "recon_mse": 1 / (i + step), "utilization": 0.5, "dead_codes": 7,
+                     "train_time_s": 2.0}, step=step)
+        run.end(Outcome.DIVERGED if i == 3 else Outcome.FINISHED, reason="loss became nan at step 5" if i == 3 else None)
     return uri, exp, parent
 
 

@@ -1,12 +1,13 @@
 """The driver: connect to Ray, build the Tuner for a study, run or restore it, and settle
 the records when it ends.
 
-    run:    validate resources -> connect -> study folder + MLflow parent run -> Tuner.fit
-    resume: read the folder -> check Ray's state -> connect -> Tuner.restore -> fit
-    both:   trial rows from Ray's state -> settle child runs -> table -> parent run closed
+    run:    validate resources -> lock the ledger -> connect -> folder + MLflow parent run -> Tuner.fit
+    resume: read the folder -> lock the ledger -> replay it into MLflow -> connect -> Tuner.restore -> fit
+    both:   drain the recorder -> replay the ledger -> trial rows -> audit -> table -> parent run closed
 
-What a trial does in its worker is trainable.py; the folder's layout is folder.py; MLflow
-is tracking.py. Ray is imported inside functions only, so `--dry-run` and bad input stay fast.
+What a trial does in its worker is trainable.py; what the driver records of it is
+recorder.py (ledger, then MLflow); the folder's layout is folder.py. Ray is imported
+inside functions only, so `--dry-run` and bad input stay fast.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from . import tracking
 from .catalogue import HEADLINE
 from .errors import ConfigError
 from .folder import Records, StudyFolder
+from .ledger import Ledger
 from .outcome import Outcome, all_ok, from_ray
+from .recorder import Projector, audit, make_recorder, project
 from .study import Study
 from .tables import fmt, format_table, outcome_summary, status_columns
 from .trainable import TrialSpec, run_trial
@@ -106,19 +109,22 @@ def _progress_callback(study: Study):
 
 
 # -- the Tuner ------------------------------------------------------------------------------------
-def _trainable(study: Study, records: Records):
+def _trainable(study: Study):
     from ray import tune
 
-    study_path = Path(records.study_path) if records.study_path else None
-    spec = TrialSpec(base=study.base.to_flat(), tracking_uri=records.tracking_uri,
-                     experiment_id=records.experiment_id, parent_run_id=records.parent_run_id,
-                     tags=tracking.base_tags(study.name, study_path), artifacts=study.tracking.artifacts,
-                     cpu=study.resources.cpu, checkpoint_interval_s=study.sweep.checkpoint_interval_s)
+    spec = TrialSpec(base=study.base.to_flat(), artifacts=study.tracking.artifacts, cpu=study.resources.cpu,
+                     checkpoint_interval_s=study.sweep.checkpoint_interval_s)
     resources = {"cpu": study.resources.cpu, "gpu": study.resources.gpu}
     return tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources)
 
 
-def _new_tuner(study: Study, folder: StudyFolder, records: Records):
+def _projector(study: Study, folder: StudyFolder, records: Records) -> Projector:
+    study_path = Path(records.study_path) if records.study_path else None
+    return Projector(records.tracking_uri, records.experiment_id, records.parent_run_id, study.base.to_flat(),
+                     tracking.base_tags(study.name, study_path), folder.root, folder.figures_dir)
+
+
+def _new_tuner(study: Study, folder: StudyFolder, recorder):
     from ray import tune
 
     from .search import make_searcher
@@ -131,26 +137,37 @@ def _new_tuner(study: Study, folder: StudyFolder, records: Records):
         name=folder.ray_dir.name, storage_path=str(folder.root),
         failure_config=tune.FailureConfig(max_failures=study.sweep.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[_progress_callback(study)], verbose=0)
-    return tune.Tuner(_trainable(study, records), tune_config=tune_config, run_config=run_config)
+        callbacks=[recorder, _progress_callback(study)], verbose=0)
+    return tune.Tuner(_trainable(study), tune_config=tune_config, run_config=run_config)
 
 
-def _fit(tuner, study: Study, folder: StudyFolder, records: Records) -> int:
-    """Run the Tuner, settle the child runs from Ray's final view, print the table; 0 if
-    every trial finished (or was stopped early by the scheduler), 1 otherwise."""
+def _fit(tuner, study: Study, folder: StudyFolder, records: Records, recorder, projector: Projector) -> int:
+    """Run the Tuner, bring MLflow up to the ledger, audit it against Ray's final view and
+    print the table; 0 if every trial finished (or was stopped early by the scheduler) and
+    the audit found its record, 1 otherwise."""
     ok = False
     try:
         tuner.fit()
+        recorder.drain()
+        project(folder.ledger_file, projector)   # whatever a failed write left out
         rows = folder.trial_rows(study)
-        tracking.reconcile_children(records.tracking_uri, records.experiment_id,
-                                    {r["trial_id"]: (r["outcome"], r.get("step")) for r in rows})
         print(format_table(rows, status_columns(study, rows)))
-        ok = all_ok([r["outcome"] for r in rows], study.num_trials)
-        print(f"\n{study.name}: {outcome_summary(rows, study.num_trials)}; study folder {folder.root}; "
+        problems = audit(rows, projector)
+        for problem in problems:
+            sys.stderr.write(f"vqstudy: audit: {problem}\n")
+        ok = all_ok([r["outcome"] for r in rows], study.num_trials) and not problems
+        print(f"\n{study.name}: {outcome_summary(rows, study.num_trials)}"
+              f"{f'; {len(problems)} missing from MLflow' if problems else ''}; study folder {folder.root}; "
               f"MLflow {records.tracking_uri}")
     finally:
         tracking.finish_parent(records.tracking_uri, records.parent_run_id, ok)
     return 0 if ok else 1
+
+
+def _start(tuner_for, study: Study, folder: StudyFolder, records: Records, ledger: Ledger) -> int:
+    projector = _projector(study, folder, records)
+    recorder = make_recorder(study, ledger, projector)
+    return _fit(tuner_for(recorder), study, folder, records, recorder, projector)
 
 
 def _prepare(study: Study, folder: StudyFolder, tracking_uri: str | None) -> Records:
@@ -178,8 +195,13 @@ def run(study: Study, out_dir: Path, address: str | None = None, tracking_uri: s
         raise ConfigError(f"{study.source}: resources.gpu: {study.resources.gpu:g} asked but this machine has no GPU")
     connect(address)
     check_cluster_fits(study)
-    records = _prepare(study, folder, tracking_uri)
-    return _fit(_new_tuner(study, folder, records), study, folder, records)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(folder.ledger_file)
+    try:
+        records = _prepare(study, folder, tracking_uri)
+        return _start(lambda recorder: _new_tuner(study, folder, recorder), study, folder, records, ledger)
+    finally:
+        ledger.close()
 
 
 def resume(out_dir: Path, address: str | None = None) -> int:
@@ -190,11 +212,22 @@ def resume(out_dir: Path, address: str | None = None) -> int:
     if not folder.has_run():
         raise ConfigError(f"{folder.root}: the study never reached Ray (no {folder.ray_dir.name}/); run it again")
     folder.check_ray_state()
-    connect(address)
-    check_cluster_fits(study)
-    tracking.start_parent(records.tracking_uri, records.experiment_id, study.name, {}, {}, records.parent_run_id)
+    ledger = Ledger(folder.ledger_file)
+    try:
+        tracking.start_parent(records.tracking_uri, records.experiment_id, study.name, {}, {}, records.parent_run_id)
+        project(folder.ledger_file, _projector(study, folder, records))  # what the killed driver did not write
+        connect(address)
+        check_cluster_fits(study)
+        return _start(lambda recorder: _restored_tuner(study, folder, recorder), study, folder, records, ledger)
+    finally:
+        ledger.close()
+
+
+def _restored_tuner(study: Study, folder: StudyFolder, recorder):
+    """Tune's experiment from its stored state, with this session's callbacks."""
     from ray import tune
 
-    tuner = tune.Tuner.restore(str(folder.ray_dir), trainable=_trainable(study, records),
-                               resume_unfinished=True, resume_errored=True)
-    return _fit(tuner, study, folder, records)
+    # Tune restores the callbacks it pickled with the experiment: the recorder among them
+    # unpickles as this driver's live `recorder` (recorder._live).
+    return tune.Tuner.restore(str(folder.ray_dir), trainable=_trainable(study), resume_unfinished=True,
+                              resume_errored=True)

@@ -4,6 +4,8 @@
     DIR/vqstudy.json   where its records are (`Records`): tracking URI, experiment and parent-run ids
     DIR/ray/           Ray Tune's experiment state, trial folders and checkpoints
     DIR/mlflow.db      the default MLflow store, DIR/mlartifacts/ its artifacts
+    DIR/ledger.jsonl   the driver's own record of every trial event (ledger.py): what MLflow is written from
+    DIR/figures/       per-trial figures, copied out of each trial's final checkpoint
     DIR/results.parquet  the export (`vqstudy export`); DIR/analysis/ fits, figures, report
 
 The driver creates a folder; `resume`, `status`, `export` and `analyze` read it. No other
@@ -55,6 +57,14 @@ class StudyFolder:
     @property
     def artifact_root(self) -> Path:
         return self.root / "mlartifacts"
+
+    @property
+    def ledger_file(self) -> Path:
+        return self.root / "ledger.jsonl"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.root / "figures"
 
     @property
     def results_file(self) -> Path:

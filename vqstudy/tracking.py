@@ -1,23 +1,24 @@
 """MLflow records: one experiment per study, one parent run per `vqstudy run` (reused by
 `vqstudy resume`), exactly one child run per trial.
 
-Ray's stock MLflow callback opens a new run whenever a trial (re)starts, so a retried or
-resumed trial would appear twice. Here a trial finds its child run by the tag
-`vqstudy.trial_id` and reopens it. Metrics go in one `log_batch` call per evaluation.
-A run ends with its trial's `Outcome` in the tag `vqstudy.outcome` (outcome.py maps it to
-and from MLflow's statuses). The default store is an SQLite file given by an absolute URI
-(folder.py): trials chdir into their own folders, and MLflow 3 refuses ./mlruns.
+Only the driver writes here (recorder.py, from the study's ledger): trials report to Tune,
+so a store the worker nodes cannot reach -- the default SQLite file in the study folder --
+works on any cluster. Ray's stock MLflow callback opens a new run whenever a trial
+(re)starts, so a retried or resumed trial would appear twice; here a trial's child run is
+found by the tag `vqstudy.trial_id` and reopened. Metrics go in one `log_batch` call per
+evaluation. A run ends with its trial's `Outcome` in the tag `vqstudy.outcome` (outcome.py
+maps it to and from MLflow's statuses).
 """
 from __future__ import annotations
 
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .outcome import Outcome, mlflow_status
+from .outcome import Outcome, from_mlflow, mlflow_status
 
 TRIAL_TAG = "vqstudy.trial_id"
 STUDY_TAG = "vqstudy.study"
@@ -91,20 +92,32 @@ def finish_parent(uri: str, run_id: str, ok: bool) -> None:
     _client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
 
-def reconcile_children(uri: str, experiment_id: str, outcomes: dict[str, tuple[Outcome, int | None]]) -> None:
-    """Settle child runs their trial left RUNNING (worker died) or KILLED (Tune stopped it),
-    from the driver's final view of each trial: trial id -> (outcome, step reached). A trial
-    a scheduler stopped is tagged with the step where it stopped."""
-    client = _client(uri)
-    for status in ("RUNNING", "KILLED"):
-        for run in client.search_runs([experiment_id], filter_string=f"attributes.status = '{status}'"):
-            trial_id = run.data.tags.get(TRIAL_TAG)
-            if trial_id not in outcomes:
-                continue
-            outcome, step = outcomes[trial_id]
-            if outcome is Outcome.STOPPED_EARLY:
-                client.set_tag(run.info.run_id, STOPPED_TAG, step)
-            _terminate(client, run.info.run_id, outcome)
+def child_runs(uri: str, experiment_id: str, parent_run_id: str | None):
+    """The child runs of a parent (or of every parent), page by page: any MLflow store."""
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'" if parent_run_id else f"tags.`{PARENT_TAG}` != ''"
+    client, token = _client(uri), None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, max_results=5000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def children(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, list[tuple[str, int | None]]]:
+    """Trial id -> [(outcome, last step)] of each of its child runs (more than one is a duplicate)."""
+    out: dict[str, list] = {}
+    for run in child_runs(uri, experiment_id, parent_run_id):
+        step = run.data.metrics.get("step")
+        outcome = from_mlflow(run.info.status, run.data.tags.get(OUTCOME_TAG)).value
+        out.setdefault(run.data.tags.get(TRIAL_TAG), []).append((outcome, None if step is None else int(step)))
+    return out
+
+
+def closed_children(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, tuple[str, int | None]]:
+    """Trial id -> (outcome, last step) of the child runs that are closed."""
+    return {trial: runs[0] for trial, runs in children(uri, experiment_id, parent_run_id).items()
+            if len(runs) == 1 and runs[0][0] != Outcome.NOT_FINISHED.value}
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
@@ -121,38 +134,21 @@ def log_artifacts(uri: str, run_id: str, paths: list[Path], artifact_path: str |
         client.log_artifact(run_id, str(p), artifact_path)
 
 
-_WRITER = None
-
-
-def _writer():
-    """The process's metric-writer thread (kept across trials: Ray reuses worker processes)."""
-    global _WRITER
-    if _WRITER is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqstudy-mlflow")
-    return _WRITER
-
-
 @dataclass
 class TrialRun:
     """A trial's child run. `open()` finds the run of an earlier attempt of the same trial
-    (retry after a crash, or `vqstudy resume`) and reopens it instead of making another.
-    Metric writes go to one background writer thread per process, so that training does
-    not wait on the store; `finish()` waits for them before closing the run. (MLflow's own
-    async logging is not used: closing a run joins its queue thread, up to 1 s per trial.)"""
+    (retry after a crash, or `vqstudy resume`) and reopens it instead of making another,
+    remembering the last step it holds so that no step is logged twice."""
     client: Any
     run_id: str
-    logged_step: int = 0        # highest step already in the run (reopened runs skip up to it)
-    last_step: int = 0          # highest step this attempt has logged or inherited
-    pending: list = field(default_factory=list)
+    logged_step: int = 0        # highest step already in the run
 
     @classmethod
     def open(cls, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, run_name: str,
              params: dict[str, Any], tags: dict[str, str]) -> "TrialRun":
         client = _client(uri)
-        found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'",
-                                   max_results=1)
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                                   f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1)
         if found:  # a retry or a resume: the earlier attempt's verdict no longer holds
             run_id = found[0].info.run_id
             for tag in (OUTCOME_TAG, FAILURE_TAG, STOPPED_TAG):
@@ -160,8 +156,7 @@ class TrialRun:
                     client.delete_tag(run_id, tag)
             client.update_run(run_id, status="RUNNING")
             history = client.get_metric_history(run_id, "step")
-            logged = max((int(m.value) for m in history), default=0)
-            return cls(client, run_id, logged_step=logged, last_step=logged)
+            return cls(client, run_id, logged_step=max((int(m.value) for m in history), default=0))
         all_tags = {**tags, TRIAL_TAG: trial_id, PARENT_TAG: parent_run_id}
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         log_params(client, run.info.run_id, params)
@@ -171,26 +166,17 @@ class TrialRun:
         """This attempt continues from a checkpoint written at `step`."""
         self.client.set_tag(self.run_id, RESTORED_TAG, step)
 
-    def stop(self, step: int) -> None:
-        """Tune stopped the trial before its end: KILLED, with the step it reached."""
-        self.flush()
-        self.client.set_tag(self.run_id, STOPPED_TAG, step)
-        self.client.set_terminated(self.run_id, status="KILLED")
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int) -> None:
         """All of one evaluation's metrics in one write."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        self.last_step = max(step, self.last_step)
-        self.pending.append(_writer().submit(self.client.log_batch, self.run_id, metrics=batch))
+        self.client.log_batch(self.run_id, metrics=batch)
+        self.logged_step = max(step, self.logged_step)
 
-    def flush(self) -> None:
-        """Wait for the queued writes; the first failed one raises here."""
-        while self.pending:
-            self.pending.pop(0).result()
-
-    def finish(self, outcome: Outcome, reason: str | None = None) -> None:
-        self.flush()
+    def end(self, outcome: Outcome, reason: str | None = None, stopped_at: int | None = None) -> None:
+        """Close the run with the trial's outcome (and the step a scheduler stopped it at)."""
+        if stopped_at is not None:
+            self.client.set_tag(self.run_id, STOPPED_TAG, stopped_at)
         _terminate(self.client, self.run_id, outcome, reason)

@@ -1,38 +1,35 @@
-"""What runs inside a Ray worker: one trial, from its `TrialSpec` to a closed MLflow run.
+"""What runs inside a Ray worker: one trial, from its `TrialSpec` to its last report.
 
 The driver hands every trial the same typed `TrialSpec` (through `tune.with_parameters`);
 Tune hands each its own swept keys as `config`. The trial calls the shared `train()` with
-a `Reporter`, which sends each evaluation to MLflow (one batched write, exactly once per
-step, also after a restart) and to Tune (with the checkpoint train() just wrote, at most
-every `sweep.checkpoint_interval_s` seconds and at the last step), and which closes the
-MLflow run with the trial's `Outcome`. A restarted trial (crash retry or `vqstudy resume`)
-continues from Tune's checkpoint and reopens its run. A diverged trial reports its
-outcome instead of raising, so Tune does not retry a deterministic failure.
+a `Reporter`, which sends each evaluation to Tune (with the checkpoint train() just wrote,
+at most every `sweep.checkpoint_interval_s` seconds and at the last step). A trial never
+touches the tracking store or the study folder: the driver records what it reports
+(recorder.py), and its figures travel in its final checkpoint. Its scratch files live in a
+temporary folder on the node that runs it. A restarted trial (crash retry or `vqstudy
+resume`) continues from Tune's checkpoint and says so in its first report. A diverged
+trial reports its outcome instead of raising, so Tune does not retry a deterministic failure.
 """
 from __future__ import annotations
 
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import tracking
 from .outcome import Outcome
 
-WORK_DIR = "work"   # a trial's scratch folder (its checkpoint and figures), inside Tune's trial dir
+FIGURES_DIR = "figures"   # inside the checkpoint folder; the driver copies them out (recorder.py)
 
 
 @dataclass(frozen=True)
 class TrialSpec:
     """What every trial of a study shares; its own keys come as Tune's `config`."""
     base: dict[str, Any]            # the study's base config, flat dotted keys
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    tags: dict[str, str]
-    artifacts: bool                 # log per-trial figures
+    artifacts: bool                 # draw per-trial figures
     cpu: float                      # torch threads
     checkpoint_interval_s: float
 
@@ -40,53 +37,49 @@ class TrialSpec:
 class Reporter:
     """The `report` train() calls at each evaluation, and its `on_end`."""
 
-    def __init__(self, run: tracking.TrialRun, spec: TrialSpec, work: Path, steps: int):
-        self.run, self.spec, self.work, self.steps = run, spec, work, steps
-        self.reporting_s = 0.0           # time in MLflow writes and tune.report (with its checkpoint copy)
+    def __init__(self, spec: TrialSpec, work: Path, steps: int, restored_at: int | None):
+        self.spec, self.work, self.steps = spec, work, steps
+        self.extra: dict[str, Any] = {} if restored_at is None else {"restored_at_step": restored_at}
+        self.reporting_s = 0.0           # time in tune.report (with its checkpoint copy)
         self.persisted_at = -math.inf    # when Tune last persisted a checkpoint (a copy costs ~10 ms)
-        self.closed = False
 
     def __call__(self, metrics: dict) -> None:
         from ray import tune
 
+        last = metrics["step"] == self.steps
+        persist = last or time.perf_counter() - self.persisted_at >= self.spec.checkpoint_interval_s
+        if last:
+            self.extra["reporting_time_s"] = self.reporting_s
         t0 = time.perf_counter()
-        if metrics["step"] > self.run.logged_step:  # a restart may redo steps MLflow already holds
-            self.run.log_metrics(metrics, step=metrics["step"])
-        persist = metrics["step"] == self.steps or t0 - self.persisted_at >= self.spec.checkpoint_interval_s
+        tune.report({**metrics, **self.extra}, checkpoint=tune.Checkpoint.from_directory(self.work) if persist else None)
+        self.extra = {}
+        self.persisted_at = t0 if persist else self.persisted_at
         self.reporting_s += time.perf_counter() - t0
-        t1 = time.perf_counter()
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(self.work) if persist else None)
-        self.persisted_at = t1 if persist else self.persisted_at
-        self.reporting_s += time.perf_counter() - t1
 
     def on_end(self, trained) -> None:
-        """Figures, timing metrics, FINISHED: the trial's last words to MLflow. train() calls
-        this before its last report, inside which Tune may stop the trial (ASHA's max_t)."""
+        """Figures into the folder the last checkpoint persists. train() calls this before its
+        last report, inside which Tune may stop the trial (ASHA's max_t)."""
         from .figures import trial_figures
 
         t0 = time.perf_counter()
         if self.spec.artifacts:
-            tracking.log_artifacts(self.spec.tracking_uri, self.run.run_id,
-                                   trial_figures(trained, self.work / "figures"))
-        self.run.log_metrics({"reporting_time_s": self.reporting_s, "artifacts_time_s": time.perf_counter() - t0},
-                             step=trained.metrics["step"])
-        self.run.finish(Outcome.FINISHED)
-        self.closed = True
+            trial_figures(trained, self.work / FIGURES_DIR)
+        self.extra["artifacts_time_s"] = time.perf_counter() - t0
 
 
-def _restore_work(work: Path, run: tracking.TrialRun) -> None:
-    """Fresh scratch folder, holding Tune's latest checkpoint of this trial if it has one."""
+def _restore_work(work: Path) -> int | None:
+    """Fill the scratch folder with Tune's latest checkpoint of this trial, if it has one;
+    returns the step it was written at."""
     from ray import tune
 
     from .train import checkpoint_step
 
-    shutil.rmtree(work, ignore_errors=True)
     checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            shutil.copytree(d, work)
-        run.restored_at(checkpoint_step(work))
-    work.mkdir(parents=True, exist_ok=True)
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as d:
+        shutil.copytree(d, work, dirs_exist_ok=True)
+    return checkpoint_step(work)
 
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
@@ -98,22 +91,13 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     from .train import Diverged, train
 
     torch.set_num_threads(max(1, int(spec.cpu)))
-    ctx = tune.get_context()
     cfg = TrialConfig.from_dict({**spec.base, **config})
-    run = tracking.TrialRun.open(spec.tracking_uri, spec.experiment_id, spec.parent_run_id,
-                                 ctx.get_trial_id(), ctx.get_trial_name(), cfg.to_flat(), spec.tags)
-    work = Path(ctx.get_trial_dir()) / WORK_DIR
-    _restore_work(work, run)
-    reporter = Reporter(run, spec, work, cfg.train.steps)
+    work = Path(tempfile.mkdtemp(prefix=f"vqstudy-{tune.get_context().get_trial_id()}-"))
     try:
+        reporter = Reporter(spec, work, cfg.train.steps, _restore_work(work))
         train(cfg, report=reporter, checkpoint_dir=work, on_end=reporter.on_end)
     except Diverged as e:
-        run.finish(Outcome.DIVERGED, reason=str(e))
-        tune.report({**(e.metrics or {"step": e.step, "recon_mse": math.nan}), "outcome": Outcome.DIVERGED.value})
-    except SystemExit:  # Tune stopped the trial (a scheduler's decision, or shutdown)
-        if not reporter.closed:
-            run.stop(step=run.last_step)
-        raise
-    except BaseException as e:
-        run.finish(Outcome.FAILED, reason=f"{type(e).__name__}: {e}")
-        raise
+        last = e.metrics or {"step": e.step, "recon_mse": math.nan}
+        tune.report({**last, "outcome": Outcome.DIVERGED.value, "failure": str(e)})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -23,7 +23,7 @@ from ..catalogue import METRICS
 from ..config import all_keys, coerce, key_type
 from ..errors import ConfigError
 from ..outcome import from_mlflow
-from ..tracking import OUTCOME_TAG, PARENT_TAG, STOPPED_TAG, STUDY_TAG, TRIAL_TAG
+from ..tracking import OUTCOME_TAG, PARENT_TAG, STOPPED_TAG, STUDY_TAG, TRIAL_TAG, child_runs
 
 METRIC_COLUMNS = {name: pa.type_for_alias(m.dtype) for name, m in METRICS.items()}
 RECORD_COLUMNS = {
@@ -77,19 +77,9 @@ def _runs_from_sqlite(path: Path, experiment_id: str, parent_run_id: str | None)
 
 
 def _runs_from_client(uri: str, experiment_id: str, parent_run_id: str | None) -> list[dict[str, Any]]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'" if parent_run_id else f"tags.`{PARENT_TAG}` != ''"
-    out, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=query, max_results=5000, page_token=token)
-        out += [{"run_id": r.info.run_id, "status": r.info.status, "start": r.info.start_time,
-                 "end": r.info.end_time, "params": r.data.params, "metrics": r.data.metrics,
-                 "tags": r.data.tags} for r in page]
-        token = page.token
-        if not token:
-            return out
+    return [{"run_id": r.info.run_id, "status": r.info.status, "start": r.info.start_time, "end": r.info.end_time,
+             "params": r.data.params, "metrics": r.data.metrics, "tags": r.data.tags}
+            for r in child_runs(uri, experiment_id, parent_run_id)]
 
 
 def read_runs(uri: str, experiment_id: str, parent_run_id: str | None = None) -> list[dict[str, Any]]:

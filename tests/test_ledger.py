@@ -1,0 +1,101 @@
+"""The study's ledger and its projection into MLflow, without Ray: torn lines, one writer,
+replay, and an idempotent, exactly-once projection; the audit names what MLflow lacks."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from vqstudy import tracking
+from vqstudy.errors import ConfigError
+from vqstudy.folder import StudyFolder
+from vqstudy.ledger import Ledger, replay
+from vqstudy.outcome import Outcome
+from vqstudy.recorder import Projector, audit, project
+
+
+def write_trial(ledger: Ledger, trial: str, steps=(10, 20), outcome: str | None = "finished"):
+    ledger.started(trial, f"run_{trial}", {"quantizer.codebook_size": 16})
+    for s in steps:
+        ledger.result(trial, {"step": s, "recon_mse": 1.0 / s, "utilization": 0.5})
+    if outcome:
+        ledger.ended(trial, outcome)
+
+
+def test_torn_last_line_is_dropped_and_writing_goes_on(tmp_path):
+    """A driver killed mid-write leaves a torn last line: replay drops it, the next writer starts a new line."""
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path)
+    write_trial(ledger, "a")
+    ledger.close()
+    with open(path, "a") as f:
+        f.write('{"op":"result","trial":"a","metrics":{"st')    # killed here
+    ledger = Ledger(path)
+    write_trial(ledger, "b", outcome="diverged")
+    ledger.close()
+    trials = replay(path)
+    assert list(trials) == ["a", "b"] and [r["step"] for r in trials["a"].results] == [10, 20]
+    assert trials["b"].outcome == "diverged" and trials["a"].last_step == 20
+
+
+def test_one_writer_at_a_time(tmp_path):
+    """A second driver on the same study is refused with the holder's pid, also from another process."""
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path)
+    with pytest.raises(ConfigError, match="another vqstudy driver is writing this study"):
+        Ledger(path)
+    code = f"from vqstudy.ledger import Ledger; Ledger({str(path)!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode != 0 and "another vqstudy driver" in r.stderr
+    ledger.close()
+    Ledger(path).close()   # free again once the holder is gone
+
+
+def projector_for(tmp_path) -> Projector:
+    folder = StudyFolder(tmp_path)
+    uri = folder.default_tracking_uri
+    exp = tracking.ensure_experiment(uri, "e", folder.artifact_root)
+    parent = tracking.start_parent(uri, exp, "p", {}, {})
+    return Projector(uri, exp, parent, {"train.steps": 20}, {}, folder.root, folder.figures_dir)
+
+
+def test_projection_is_exactly_once_and_idempotent(tmp_path):
+    """Replaying the ledger twice (as a resume after a killed driver does) gives one run per
+    trial, each step once, the outcome as recorded; an unfinished trial stays open."""
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    write_trial(ledger, "a")
+    write_trial(ledger, "b", steps=(10,), outcome=None)
+    ledger.close()
+    projector = projector_for(tmp_path)
+    project(tmp_path / "ledger.jsonl", projector)
+    again = Projector(projector.uri, projector.experiment_id, projector.parent, projector.base, {},
+                      projector.root, projector.figures_dir)   # a new driver on the same study
+    project(tmp_path / "ledger.jsonl", again)
+    client = MlflowClient(projector.uri)
+    runs = {r.data.tags[tracking.TRIAL_TAG]: r for r in tracking.child_runs(projector.uri, projector.experiment_id,
+                                                                          projector.parent)}
+    assert sorted(runs) == ["a", "b"]
+    assert [m.step for m in client.get_metric_history(runs["a"].info.run_id, "recon_mse")] == [10, 20]
+    assert runs["a"].data.tags[tracking.OUTCOME_TAG] == "finished" and runs["a"].info.status == "FINISHED"
+    assert runs["b"].info.status == "RUNNING"
+    assert runs["a"].data.params["train.steps"] == "20" and runs["a"].data.params["quantizer.codebook_size"] == "16"
+
+
+def test_audit_names_trials_missing_from_mlflow(tmp_path):
+    """Ray says done; MLflow lacks the run, or holds another step or outcome: each is named."""
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    write_trial(ledger, "a")
+    write_trial(ledger, "b", steps=(10,))
+    ledger.close()
+    projector = projector_for(tmp_path)
+    project(tmp_path / "ledger.jsonl", projector)
+    rows = [{"trial_id": "a", "outcome": Outcome.FINISHED, "step": 20},
+            {"trial_id": "b", "outcome": Outcome.FINISHED, "step": 20},      # MLflow stopped at 10
+            {"trial_id": "c", "outcome": Outcome.DIVERGED, "step": 5},       # never recorded
+            {"trial_id": "d", "outcome": Outcome.NOT_FINISHED}]              # not done: not audited
+    problems = audit(rows, projector)
+    assert len(problems) == 2
+    assert problems[0].startswith("b: MLflow says finished at step 10, Ray says finished at step 20")
+    assert problems[1] == "c: 0 child runs"

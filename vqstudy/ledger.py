@@ -1,0 +1,132 @@
+"""The study's own record of its trials: an append-only journal in the study folder.
+
+The driver appends one JSON line per event as Tune reports it -- a trial started (its swept
+keys), a result (its metrics at a step), its figures, how it ended -- and MLflow is written
+from these records (recorder.py), never the other way round. It has the shape of Optuna's
+JournalStorage: one writer at a time (an OS file lock held for the driver's life), every
+record one whole line, flushed before the next; a driver killed mid-write leaves at worst a
+torn last line, which `replay` drops. So whatever the ledger holds survives a killed driver
+and reaches MLflow on the next `run` or `resume`, exactly once.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class TrialRecord:
+    """What the ledger says of one trial (replayed)."""
+    trial_id: str
+    name: str = ""
+    config: dict[str, Any] = field(default_factory=dict)   # the trial's own (swept) keys
+    results: list[dict[str, Any]] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)       # paths relative to the study folder
+    restored_at: int | None = None
+    outcome: str | None = None                             # set once it ended
+    reason: str | None = None
+    stopped_at: int | None = None
+
+    @property
+    def last_step(self) -> int:
+        return max((r["step"] for r in self.results), default=0)
+
+
+class Ledger:
+    """Appends records to `path` under an exclusive lock (released by the kernel if the
+    process dies). A second writer is refused with the holder's PID."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise ConfigError(f"{self.path}: another vqstudy driver is writing this study "
+                              f"(pid {_holder(self.path)}); wait for it or stop it") from None
+        self._file.seek(0, os.SEEK_END)
+        if self._file.tell() and not _ends_with_newline(self.path):
+            self._file.write("\n")   # a torn last line from a killed writer: start a new line after it
+        self._write({"op": "open", "pid": os.getpid()}, sync=True)
+
+    def _write(self, record: dict, sync: bool = False) -> None:
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()           # survives SIGKILL of this process
+        if sync:
+            os.fsync(self._file.fileno())  # survives the machine too
+
+    def started(self, trial_id: str, name: str, config: dict[str, Any]) -> None:
+        self._write({"op": "start", "trial": trial_id, "name": name, "config": config})
+
+    def result(self, trial_id: str, metrics: dict[str, Any]) -> None:
+        self._write({"op": "result", "trial": trial_id, "metrics": metrics})
+
+    def restored(self, trial_id: str, step: int) -> None:
+        self._write({"op": "restored", "trial": trial_id, "step": step})
+
+    def figures(self, trial_id: str, paths: list[str]) -> None:
+        self._write({"op": "figures", "trial": trial_id, "paths": paths})
+
+    def ended(self, trial_id: str, outcome: str, reason: str | None = None, stopped_at: int | None = None) -> None:
+        self._write({"op": "end", "trial": trial_id, "outcome": outcome, "reason": reason,
+                     "stopped_at": stopped_at}, sync=True)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _holder(path: Path) -> str:
+    """The pid of the last driver that opened the ledger (its 'open' record)."""
+    for record in reversed(_lines(path)):
+        if record.get("op") == "open":
+            return str(record.get("pid"))
+    return "unknown"
+
+
+def _lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue   # a torn line: the writer was killed while writing it; the record never happened
+    return records
+
+
+def replay(path: Path) -> dict[str, TrialRecord]:
+    """Trial id -> what the ledger says of it, in the order trials started."""
+    trials: dict[str, TrialRecord] = {}
+    for r in _lines(path):
+        if "trial" not in r:
+            continue
+        t = trials.setdefault(r["trial"], TrialRecord(r["trial"]))
+        op = r["op"]
+        if op == "start":
+            t.name, t.config = r["name"], r["config"]
+            t.outcome = t.reason = t.stopped_at = None   # a resumed trial runs again
+        elif op == "result":
+            t.results.append(r["metrics"])
+        elif op == "restored":
+            t.restored_at = r["step"]
+        elif op == "figures":
+            t.figures = r["paths"]
+        elif op == "end":
+            t.outcome, t.reason, t.stopped_at = r["outcome"], r.get("reason"), r.get("stopped_at")
+    return trials

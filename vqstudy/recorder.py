@@ -1,0 +1,181 @@
+"""The driver's record keeping: Tune's events -> the ledger -> MLflow.
+
+Trials never talk to the tracking store: they report to Tune, and on the driver the
+`Recorder` callback appends what each event says to the study's ledger (ledger.py) and
+queues the same record for MLflow on one writer thread, so the driver's loop never waits
+on the store. This is what makes the default SQLite store work on a cluster whose nodes
+do not share the driver's disk, and what keeps MLflow exact: `project()` replays the ledger
+into MLflow idempotently (steps already logged are skipped, runs already closed with the
+same outcome are left alone), at the start of a resume and at the end of every run, so a
+driver killed between an event and its MLflow write loses nothing. `audit()` then checks
+that every trial Ray calls done has exactly one child run with its final step and outcome.
+"""
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from . import tracking
+from .catalogue import METRICS
+from .ledger import Ledger, TrialRecord, replay
+from .outcome import Outcome, from_ray
+from .study import Study
+from .trainable import FIGURES_DIR
+
+class Projector:
+    """Writes ledger records into MLflow, idempotently; one thread calls it (the writer)."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, base: dict, tags: dict,
+                 root: Path, figures_dir: Path):
+        self.uri, self.experiment_id, self.parent = uri, experiment_id, parent_run_id
+        self.base, self.tags, self.root, self.figures_dir = base, tags, root, figures_dir
+        self.runs: dict[str, tracking.TrialRun] = {}
+
+    def start(self, trial_id: str, name: str, config: dict) -> None:
+        self.runs[trial_id] = tracking.TrialRun.open(self.uri, self.experiment_id, self.parent, trial_id, name,
+                                                     {**self.base, **config}, self.tags)
+
+    def result(self, trial_id: str, metrics: dict) -> None:
+        run = self.runs[trial_id]
+        if metrics["step"] > run.logged_step:   # a retry or a resume may redo steps MLflow already holds
+            run.log(metrics, metrics["step"])
+
+    def restored(self, trial_id: str, step: int) -> None:
+        self.runs[trial_id].restored_at(step)
+
+    def figures(self, trial_id: str, paths: list[str]) -> None:
+        tracking.log_artifacts(self.uri, self.runs[trial_id].run_id, [self.root / p for p in paths])
+
+    def end(self, trial_id: str, outcome: str, reason: str | None, stopped_at: int | None) -> None:
+        self.runs[trial_id].end(Outcome(outcome), reason, stopped_at)
+
+    def replay(self, record: TrialRecord, closed: dict[str, tuple[str, int]]) -> None:
+        """Bring one trial's run up to what the ledger says (skipped when MLflow already has it all)."""
+        if record.outcome and closed.get(record.trial_id) == (record.outcome, record.last_step):
+            return
+        self.start(record.trial_id, record.name, record.config)
+        for metrics in record.results:
+            self.result(record.trial_id, metrics)
+        if record.restored_at is not None:
+            self.restored(record.trial_id, record.restored_at)
+        if record.outcome:
+            if record.figures:
+                self.figures(record.trial_id, record.figures)
+            self.end(record.trial_id, record.outcome, record.reason, record.stopped_at)
+
+
+def _metrics(result: dict) -> dict[str, Any]:
+    """The catalogue's metrics and the step from a Tune result (Tune adds its own keys)."""
+    return {k: result[k] for k in ("step", *METRICS) if k in result}
+
+
+_LIVE: list = [None]   # the Recorder of the study this driver process is running
+
+
+def _live():
+    """What a pickled Recorder becomes when Tune restores its callbacks (tuner.pkl): the live
+    recorder of this driver (a driver runs one study at a time), else one that does nothing."""
+    from ray.tune import Callback
+
+    return _LIVE[0] or Callback()
+
+
+def make_recorder(study: Study, ledger: Ledger, projector: Projector):
+    """The Tune Callback for this driver (defined here: subclassing needs Ray). Tune pickles
+    its callbacks with the experiment; this one pickles as a handle (`_live`), so a resumed
+    experiment records through the new driver's ledger and writer."""
+    from ray.tune import Callback
+
+    class Recorder(Callback):
+        def __init__(self):
+            self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqstudy-mlflow")
+            self.pending: list = []
+            _LIVE[0] = self
+
+        def __reduce__(self):
+            return _live, ()
+
+        def _send(self, method: str, *args) -> None:
+            self.pending.append(self.writer.submit(getattr(projector, method), *args))
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            ledger.started(trial.trial_id, str(trial), dict(trial.config))
+            self._send("start", trial.trial_id, str(trial), dict(trial.config))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            metrics = _metrics(result)
+            ledger.result(trial.trial_id, metrics)
+            self._send("result", trial.trial_id, metrics)
+            if "restored_at_step" in result:
+                ledger.restored(trial.trial_id, result["restored_at_step"])
+                self._send("restored", trial.trial_id, result["restored_at_step"])
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            outcome = from_ray("TERMINATED", result, study.planned_steps(trial.config))
+            if outcome is Outcome.FINISHED and study.tracking.artifacts:
+                paths = _copy_figures(trial, projector.figures_dir / trial.trial_id, projector.root)
+                ledger.figures(trial.trial_id, paths)
+                self._send("figures", trial.trial_id, paths)
+            stopped = result.get("step") if outcome is Outcome.STOPPED_EARLY else None
+            self._end(trial.trial_id, outcome, result.get("failure"), stopped)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            error = trial.get_error()
+            reason = f"{type(error).__name__}: {error}".splitlines()[0][:2000] if error else "failed"
+            self._end(trial.trial_id, Outcome.FAILED, reason, None)
+
+        def _end(self, trial_id: str, outcome: Outcome, reason: str | None, stopped: int | None) -> None:
+            ledger.ended(trial_id, outcome.value, reason, stopped)
+            self._send("end", trial_id, outcome.value, reason, stopped)
+
+        def drain(self) -> list[Exception]:
+            """Wait for every queued MLflow write; returns the ones that failed."""
+            errors = []
+            for future in self.pending:
+                if future.exception():
+                    errors.append(future.exception())
+            self.pending.clear()
+            return errors
+
+    return Recorder()
+
+
+def _copy_figures(trial, out: Path, root: Path) -> list[str]:
+    """The figures the trial left in its final checkpoint, copied into `out` in the study
+    folder (from any storage: the checkpoint may sit on S3); returns paths relative to `root`."""
+    if trial.checkpoint is None:
+        return []
+    with trial.checkpoint.as_directory() as d:
+        found = sorted(Path(d, FIGURES_DIR).glob("*.png"))
+        if found:
+            out.mkdir(parents=True, exist_ok=True)
+        for f in found:
+            shutil.copyfile(f, out / f.name)
+    return [str((out / f.name).relative_to(root)) for f in found]
+
+
+def project(ledger_path: Path, projector: Projector) -> None:
+    """Replay the whole ledger into MLflow: whatever a killed driver recorded but did not write."""
+    closed = tracking.closed_children(projector.uri, projector.experiment_id, projector.parent)
+    for record in replay(ledger_path).values():
+        projector.replay(record, closed)
+
+
+def audit(rows: list[dict], projector: Projector) -> list[str]:
+    """Problems with the record of the trials Ray calls done: each needs exactly one child run,
+    closed with the trial's outcome and holding its final step. [] when all is well."""
+    children = tracking.children(projector.uri, projector.experiment_id, projector.parent)
+    problems = []
+    for row in rows:
+        if not row["outcome"].done:
+            continue
+        runs = children.get(row["trial_id"], [])
+        if len(runs) != 1:
+            problems.append(f"{row['trial_id']}: {len(runs)} child runs")
+        elif runs[0][:2] != (row["outcome"].value, row.get("step")):
+            problems.append(f"{row['trial_id']}: MLflow says {runs[0][0]} at step {runs[0][1]}, "
+                            f"Ray says {row['outcome'].value} at step {row.get('step')}")
+    return problems
