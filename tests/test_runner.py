@@ -114,7 +114,7 @@ def test_asha_stops_weak_trials(tmp_path):
                       resources={"cpu": 1, "max_concurrent": 1})
     out = tmp_path / "out"
     driver.run(load_study(path), out)
-    rows = {r["train.lr"]: r for r in StudyFolder(out).trial_rows(load_study(path))}
+    rows = {r["train.lr"]: r for r in StudyFolder(out).trial_rows(load_study(path), StudyFolder(out).load()[1])}
     assert rows[3e-3]["step"] == 40
     assert rows[1e-7]["step"] < 40 and rows[1e-8]["step"] < 40
     assert rows[3e-3]["outcome"] is Outcome.FINISHED and rows[1e-7]["outcome"] is Outcome.STOPPED_EARLY
@@ -178,7 +178,7 @@ def test_killed_driver_then_resume(tmp_path, ray_address):
     while True:
         os.killpg(proc.pid, signal.SIGSTOP)
         try:
-            StudyFolder(out).check_ray_state()
+            StudyFolder(out).check_ray_state(StudyFolder(out).load()[1])
             if _state_checkpoints_exist(out / RAY_DIR):
                 break
         except Exception:
@@ -233,10 +233,13 @@ def test_killed_trial_is_retried_from_checkpoint(tmp_path, ray_address):
                             "quantizer": {"codebook_size": 16, "dead_code_threshold": 0.5}})
     out = tmp_path / "out"
     proc = _driver(path, out, ray_address)
-    checkpoints = lambda: list((out / RAY_DIR).glob("trial_*/checkpoint_*"))  # noqa: E731
+    def checkpoint_seen() -> bool:
+        """Tune has registered the first checkpoint (step 50): the driver's ledger says so."""
+        ledger = out / "ledger.jsonl"
+        return ledger.exists() and '"op":"checkpoint"' in ledger.read_text()
     # The first checkpoint is persisted at step 50, the next 10 s later or at step 1000: kill
-    # the worker as soon as the first appears, while the trial is surely mid-run.
-    _wait_for(lambda: len(checkpoints()) > 0 and _trial_pids(out), 120, "a checkpoint", poll=0.05)
+    # the worker as soon as the driver has it, while the trial is surely mid-run.
+    _wait_for(lambda: checkpoint_seen() and _trial_pids(out), 120, "a checkpoint", poll=0.05)
     for pid in _trial_pids(out):
         os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=240) == 0
@@ -255,7 +258,7 @@ def test_killed_trial_is_retried_from_checkpoint(tmp_path, ray_address):
         assert recorded[key] == expected[key], key
     # It was a resume, not a rerun from scratch: Ray counted the crash and the run records the
     # step it continued from; MLflow holds each evaluation exactly once.
-    (row,) = StudyFolder(out).trial_rows(study)
+    (row,) = StudyFolder(out).trial_rows(study, StudyFolder(out).load()[1])
     assert (row["failures"], row["outcome"]) == (1, Outcome.FINISHED)
     assert 50 <= int(children[0].data.tags["vqstudy.restored_at_step"]) < 1000
     steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "recon_mse")]
@@ -270,7 +273,7 @@ def test_cluster_without_gpus_refuses_a_gpu_study(tmp_path, capsys, ray_address)
     """Joining a cluster that has no GPUs with a GPU study: exit 2 before any trial."""
     path = tiny_study(tmp_path, resources={"cpu": 1, "gpu": 1})
     assert main(["run", str(path), "--out", str(tmp_path / "out"), "--address", ray_address]) == 2
-    assert "resources.gpu: 1 asked but the Ray cluster has 0 GPUs" in capsys.readouterr().err
+    assert "resources.gpu: 1 asked but the largest node of the Ray cluster has 0 GPUs" in capsys.readouterr().err
 
 
 def _listening_ray_sockets() -> list[str]:

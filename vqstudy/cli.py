@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="study folder (default runs/<name>)")
     p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local instance)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else DIR/mlflow.db)")
+    p.add_argument("--storage", metavar="URI",
+                   help="where Ray keeps trial state and checkpoints, reachable from every node: a path or a "
+                        "pyarrow URI such as s3://bucket/prefix (default: the study folder)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the trials without running them")
     p.add_argument("--analyze", action="store_true", help="export, fit, plot and report when the study ends")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -138,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .driver import run
 
     out = Path(args.out or f"runs/{study.name}")
-    code = run(study, out, args.address, args.tracking_uri)
+    code = run(study, out, args.address, args.tracking_uri, args.storage)
     if args.analyze:
         code = max(code, cmd_analyze(argparse.Namespace(dir=str(out))))
     return code
@@ -157,14 +160,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from .folder import StudyFolder
     from .outcome import all_ok
+    from .storage import exists
     from .tables import format_table, outcome_summary, status_columns
 
     folder = StudyFolder(Path(args.dir))
-    study, _ = folder.load()
-    if not folder.has_run():
+    study, records = folder.load()
+    if not exists(folder.storage(records)):
         print(f"{study.name}: no trial started yet (0/{study.num_trials})")
         return 1
-    rows = folder.trial_rows(study)
+    rows = folder.trial_rows(study, records)
     print(format_table(rows, status_columns(study, rows)))
     print(f"\n{study.name}: {outcome_summary(rows, study.num_trials)}")
     return 0 if all_ok([r["outcome"] for r in rows], study.num_trials) else 1

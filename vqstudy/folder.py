@@ -2,7 +2,8 @@
 
     DIR/study.yaml     the study as resolved (includes merged, --set applied): what resume reruns
     DIR/vqstudy.json   where its records are (`Records`): tracking URI, experiment and parent-run ids
-    DIR/ray/           Ray Tune's experiment state, trial folders and checkpoints
+    DIR/ray/           Ray Tune's experiment state, trial folders and checkpoints (unless --storage
+                       put them elsewhere: `Records.storage`, storage.py)
     DIR/mlflow.db      the default MLflow store, DIR/mlartifacts/ its artifacts
     DIR/ledger.jsonl   the driver's own record of every trial event (ledger.py): what MLflow is written from
     DIR/figures/       per-trial figures, copied out of each trial's final checkpoint
@@ -25,6 +26,7 @@ import yaml
 from .catalogue import HEADLINE
 from .errors import ConfigError
 from .outcome import from_ray
+from .storage import Storage
 from .study import Study, parse_study
 
 RAY_DIR = "ray"
@@ -39,6 +41,8 @@ class Records:
     experiment_id: str
     parent_run_id: str
     study_path: str | None = None     # the study file it was started from (for its git commit)
+    storage: str | None = None        # --storage URI holding Ray's state; None: this folder
+    experiment_dir: str = RAY_DIR     # Ray's experiment folder inside the storage
 
 
 class StudyFolder:
@@ -75,8 +79,12 @@ class StudyFolder:
         return self.root / "analysis"
 
     def has_run(self) -> bool:
-        """A study has been started here (Ray's folder exists)."""
-        return self.ray_dir.exists()
+        """A study has been started here (its records or Ray's folder exist)."""
+        return self.ray_dir.exists() or (self.root / RECORDS_FILE).exists()
+
+    def storage(self, records: Records) -> Storage:
+        """Where Ray keeps this study's state and checkpoints."""
+        return Storage(records.storage or str(self.root.resolve()), records.experiment_dir)
 
     def write_study(self, study: Study) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -98,25 +106,30 @@ class StudyFolder:
             study.path = Path(records.study_path)
         return study, records
 
-    def check_ray_state(self) -> None:
+    def check_ray_state(self, records: Records) -> None:
         """Ray writes its experiment state in place (not atomically); a driver killed during that
         write leaves it empty, and Tune would then resume only part of the study without saying
         so. Refuse instead, naming the file."""
-        states = sorted(self.ray_dir.glob("experiment_state-*.json"))
-        if not states:
-            raise ConfigError(f"{self.ray_dir}: no Ray experiment state to resume from")
-        try:
-            json.loads(states[-1].read_text())
-        except ValueError:
-            raise ConfigError(f"{states[-1]}: Ray's experiment state is empty or cut short (the driver was killed "
-                              f"while Ray wrote it); this study cannot be resumed: run it again into a new --out") from None
+        from . import storage as st
 
-    def trial_rows(self, study: Study) -> list[dict[str, Any]]:
+        where = self.storage(records)
+        states = st.list_names(where, "experiment_state-")
+        if not states:
+            raise ConfigError(f"{where.describe()}: no Ray experiment state to resume from")
+        try:
+            json.loads(st.read_text(where, states[-1]))
+        except ValueError:
+            raise ConfigError(f"{where.describe()}/{states[-1]}: Ray's experiment state is empty or cut short (the "
+                              f"driver was killed while Ray wrote it); this study cannot be resumed: run it again "
+                              f"into a new --out") from None
+
+    def trial_rows(self, study: Study, records: Records) -> list[dict[str, Any]]:
         """One row per trial Ray knows, in the order of the study's points: trial_id, outcome,
         failures, the trial's config keys, the step reached and the headline metrics."""
         from ray.tune import ExperimentAnalysis
 
-        analysis = ExperimentAnalysis(str(self.ray_dir.resolve()))
+        fs, path = self.storage(records).filesystem()
+        analysis = ExperimentAnalysis(path, storage_filesystem=fs)
         rows = []
         for t in sorted(analysis.trials, key=_grid_order(study)):
             result = t.last_result or {}

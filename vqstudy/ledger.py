@@ -29,6 +29,7 @@ class TrialRecord:
     results: list[dict[str, Any]] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)       # paths relative to the study folder
     restored_at: int | None = None
+    checkpoint_step: int | None = None                     # the last checkpoint Tune registered
     outcome: str | None = None                             # set once it ended
     reason: str | None = None
     stopped_at: int | None = None
@@ -70,6 +71,10 @@ class Ledger:
 
     def restored(self, trial_id: str, step: int) -> None:
         self._write({"op": "restored", "trial": trial_id, "step": step})
+
+    def checkpoint(self, trial_id: str, step: int | None) -> None:
+        """Tune has registered a checkpoint of the trial (a retry or resume continues from it)."""
+        self._write({"op": "checkpoint", "trial": trial_id, "step": step})
 
     def figures(self, trial_id: str, paths: list[str]) -> None:
         self._write({"op": "figures", "trial": trial_id, "paths": paths})
@@ -125,6 +130,8 @@ def replay(path: Path) -> dict[str, TrialRecord]:
             t.results.append(r["metrics"])
         elif op == "restored":
             t.restored_at = r["step"]
+        elif op == "checkpoint":
+            t.checkpoint_step = r["step"]
         elif op == "figures":
             t.figures = r["paths"]
         elif op == "end":

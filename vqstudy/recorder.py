@@ -33,7 +33,7 @@ class Projector:
         self.base, self.tags, self.root, self.figures_dir = base, tags, root, figures_dir
         self.runs: dict[str, tracking.TrialRun] = {}
 
-    def start(self, trial_id: str, name: str, config: dict) -> None:
+    def started(self, trial_id: str, name: str, config: dict) -> None:
         self.runs[trial_id] = tracking.TrialRun.open(self.uri, self.experiment_id, self.parent, trial_id, name,
                                                      {**self.base, **config}, self.tags)
 
@@ -48,14 +48,14 @@ class Projector:
     def figures(self, trial_id: str, paths: list[str]) -> None:
         tracking.log_artifacts(self.uri, self.runs[trial_id].run_id, [self.root / p for p in paths])
 
-    def end(self, trial_id: str, outcome: str, reason: str | None, stopped_at: int | None) -> None:
+    def ended(self, trial_id: str, outcome: str, reason: str | None, stopped_at: int | None) -> None:
         self.runs[trial_id].end(Outcome(outcome), reason, stopped_at)
 
     def replay(self, record: TrialRecord, closed: dict[str, tuple[str, int]]) -> None:
         """Bring one trial's run up to what the ledger says (skipped when MLflow already has it all)."""
         if record.outcome and closed.get(record.trial_id) == (record.outcome, record.last_step):
             return
-        self.start(record.trial_id, record.name, record.config)
+        self.started(record.trial_id, record.name, record.config)
         for metrics in record.results:
             self.result(record.trial_id, metrics)
         if record.restored_at is not None:
@@ -63,7 +63,7 @@ class Projector:
         if record.outcome:
             if record.figures:
                 self.figures(record.trial_id, record.figures)
-            self.end(record.trial_id, record.outcome, record.reason, record.stopped_at)
+            self.ended(record.trial_id, record.outcome, record.reason, record.stopped_at)
 
 
 def _metrics(result: dict) -> dict[str, Any]:
@@ -97,39 +97,35 @@ def make_recorder(study: Study, ledger: Ledger, projector: Projector):
         def __reduce__(self):
             return _live, ()
 
-        def _send(self, method: str, *args) -> None:
-            self.pending.append(self.writer.submit(getattr(projector, method), *args))
+        def _record(self, event: str, *args) -> None:
+            """Into the ledger now, into MLflow on the writer thread (same method names)."""
+            getattr(ledger, event)(*args)
+            self.pending.append(self.writer.submit(getattr(projector, event), *args))
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            ledger.started(trial.trial_id, str(trial), dict(trial.config))
-            self._send("start", trial.trial_id, str(trial), dict(trial.config))
+            self._record("started", trial.trial_id, str(trial), dict(trial.config))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            metrics = _metrics(result)
-            ledger.result(trial.trial_id, metrics)
-            self._send("result", trial.trial_id, metrics)
+            self._record("result", trial.trial_id, _metrics(result))
             if "restored_at_step" in result:
-                ledger.restored(trial.trial_id, result["restored_at_step"])
-                self._send("restored", trial.trial_id, result["restored_at_step"])
+                self._record("restored", trial.trial_id, result["restored_at_step"])
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            ledger.checkpoint(trial.trial_id, (trial.last_result or {}).get("step"))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
             outcome = from_ray("TERMINATED", result, study.planned_steps(trial.config))
             if outcome is Outcome.FINISHED and study.tracking.artifacts:
                 paths = _copy_figures(trial, projector.figures_dir / trial.trial_id, projector.root)
-                ledger.figures(trial.trial_id, paths)
-                self._send("figures", trial.trial_id, paths)
+                self._record("figures", trial.trial_id, paths)
             stopped = result.get("step") if outcome is Outcome.STOPPED_EARLY else None
-            self._end(trial.trial_id, outcome, result.get("failure"), stopped)
+            self._record("ended", trial.trial_id, outcome.value, result.get("failure"), stopped)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             error = trial.get_error()
             reason = f"{type(error).__name__}: {error}".splitlines()[0][:2000] if error else "failed"
-            self._end(trial.trial_id, Outcome.FAILED, reason, None)
-
-        def _end(self, trial_id: str, outcome: Outcome, reason: str | None, stopped: int | None) -> None:
-            ledger.ended(trial_id, outcome.value, reason, stopped)
-            self._send("end", trial_id, outcome.value, reason, stopped)
+            self._record("ended", trial.trial_id, Outcome.FAILED.value, reason, None)
 
         def drain(self) -> list[Exception]:
             """Wait for every queued MLflow write; returns the ones that failed."""

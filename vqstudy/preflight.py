@@ -1,0 +1,87 @@
+"""Preflight: before any trial starts, show that the cluster can run the study.
+
+- a trial fits on a node: some alive node has `resources.cpu` CPUs and `resources.gpu` GPUs;
+- every node that can run a trial writes to the study's storage, and the driver sees what it
+  wrote (a zero-CPU Ray task pinned to each node): a node whose "storage" is its own disk is
+  caught here, not at its first checkpoint;
+- the tracking store answers the driver (the only process that writes to it).
+
+Each failure is one `ConfigError` line naming the node and what it cannot reach, within
+about `TIMEOUT_S` seconds: exit code 2, before any compute is spent.
+"""
+from __future__ import annotations
+
+import uuid
+
+from .errors import ConfigError
+from .storage import Storage, clean_probes, probe, probe_seen
+from .study import Study
+
+TIMEOUT_S = 30
+
+
+def trial_nodes(study: Study) -> list[dict]:
+    """The alive nodes one trial fits on; ConfigError when none does."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    need = {"CPU": study.resources.cpu, "GPU": study.resources.gpu}
+    fits = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in need.items() if v)]
+    if not fits:
+        for kind, v in need.items():
+            largest = max((n["Resources"].get(kind, 0) for n in nodes), default=0)
+            if v > largest:
+                raise ConfigError(f"{study.source}: resources.{kind.lower()}: {v:g} asked but the largest node of "
+                                  f"the Ray cluster has {largest:g} {kind}s")
+        raise ConfigError(f"{study.source}: resources: no node of the Ray cluster has {need['CPU']:g} CPUs and "
+                          f"{need['GPU']:g} GPUs at once")
+    return fits
+
+
+def _name(node: dict) -> str:
+    return f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]})"
+
+
+def check_storage(storage: Storage, nodes: list[dict]) -> None:
+    """Each node writes a probe file into the storage; the driver must see every one."""
+    import ray
+    from ray.exceptions import RayError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0)(probe)
+    refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(storage, f"{n['NodeID'][:12]}-{uuid.uuid4().hex[:8]}"): n for n in nodes}
+    _, late = ray.wait(list(refs), num_returns=len(refs), timeout=TIMEOUT_S)
+    try:
+        if late:
+            raise ConfigError(f"preflight: {_name(refs[late[0]])} did not answer within {TIMEOUT_S} s")
+        for ref, node in refs.items():
+            try:
+                target = ray.get(ref)
+            except RayError as e:
+                cause = getattr(e, "cause", None) or e
+                raise ConfigError(f"preflight: {_name(node)} cannot write to the storage {storage.describe()}: "
+                                  f"{str(cause).strip().splitlines()[0]}") from None
+            if not probe_seen(storage, target):
+                raise ConfigError(f"preflight: {_name(node)} does not see the storage the driver sees "
+                                  f"({storage.describe()}): its disk is its own; give --storage URI (e.g. "
+                                  f"s3://bucket/prefix) that every node reaches")
+    finally:
+        clean_probes(storage)
+
+
+def check_tracking(uri: str) -> None:
+    """A tracking server must answer the driver before trials start (SQLite files need no check)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+    except urllib.error.HTTPError as e:
+        hint = " (MLflow 3.17 refuses hosts it does not allow: start it with --allowed-hosts)" if e.code == 403 else ""
+        raise ConfigError(f"--tracking-uri: {uri} answered HTTP {e.code}{hint}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(f"--tracking-uri: cannot reach {uri}: {reason}") from None
