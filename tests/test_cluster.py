@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -178,3 +179,102 @@ def test_unreachable_storage_and_tracking_are_refused(tmp_path, cluster, s3):
                 "--storage", s3, "--tracking-uri", f"http://127.0.0.1:{dead}")
     assert r.returncode == 2 and f"--tracking-uri: cannot reach http://127.0.0.1:{dead}" in r.stderr
     assert not (hidden / "nostore").exists() and not (hidden / "notrack").exists()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback (SQLite backend, proxied artifacts); yields its URI.
+    MLflow 3.17 answers 403 to a Host it does not allow, hence --allowed-hosts."""
+    import urllib.request
+
+    root, port = tmp_path_factory.mktemp("mlflow-server"), free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination",
+                             str(root / "artifacts"), "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
+                             "--workers", "1"], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+        except OSError:
+            return False
+    try:
+        wait_until(up, 60, "mlflow server")
+        yield uri
+    finally:
+        stop(proc)
+
+
+def test_study_tracked_by_an_mlflow_server(tmp_path, cluster, s3, mlflow_server):
+    """The same study tracked by a tracking server: the server holds one child run per trial with
+    its figures; `export DIR` and `export --run PARENT` give this study's rows only, also when
+    another study shares the experiment."""
+    address, hidden = cluster
+    path = study_file(tmp_path, "served")
+    outs = [hidden / "served1", hidden / "served2"]
+    for out in outs:   # two studies in one experiment of one store
+        r = vqstudy("run", path, "--out", out, "--address", address, "--storage", s3, "--tracking-uri", mlflow_server)
+        assert r.returncode == 0, r.stderr[-3000:]
+    records = json.loads((outs[0] / "vqstudy.json").read_text())
+    client = MlflowClient(mlflow_server)
+    children = client.search_runs([records["experiment_id"]],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{records['parent_run_id']}'")
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert [a.path for a in client.list_artifacts(children[0].info.run_id)] == ["code_usage.png"]
+    assert vqstudy("export", outs[0]).returncode == 0
+    by_folder = pq.read_table(outs[0] / "results.parquet")
+    r = vqstudy("export", "--run", records["parent_run_id"], "--tracking-uri", mlflow_server, "-o", tmp_path / "r.parquet")
+    assert r.returncode == 0, r.stderr
+    by_run = pq.read_table(tmp_path / "r.parquet")
+    assert by_folder.num_rows == by_run.num_rows == 4 and by_folder.equals(by_run)
+    assert set(by_run.column("mlflow_run_id").to_pylist()) == {c.info.run_id for c in children}
+
+
+def test_killed_driver_resumes_on_the_cluster(tmp_path, cluster, s3):
+    """The driver is SIGKILLed mid-study (after a trial ended, with Ray's state on S3);
+    `vqstudy resume` ends with each trial finished once: one child run per trial, every
+    evaluation logged once, an export row per trial, the audit passing."""
+    address, hidden = cluster
+    out = hidden / "killed"
+    path = tiny_study(tmp_path, name="killed", sweep={"grid": {"quantizer.codebook_size": [8, 16, 32, 64, 128, 256]}},
+                      base={"train": {"steps": 3000, "eval_every": 500, "device": "cpu"}})
+    driver = subprocess.Popen([sys.executable, "-m", "vqstudy.cli", "run", str(path), "--out", str(out), "--address",
+                               address, "--storage", s3], env=env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def resumable_now() -> bool:
+        """A trial has ended, and Ray's state on S3 knows every trial the ledger does (resume
+        refuses a state older than the ledger: see test_resume_refuses_a_state_older_than_the_ledger)."""
+        from vqstudy.errors import ConfigError
+        from vqstudy.folder import StudyFolder
+
+        ledger = out / "ledger.jsonl"
+        if not ledger.exists() or '"op":"end"' not in ledger.read_text():
+            return False
+        os.killpg(driver.pid, signal.SIGSTOP)   # hold the driver still while we look
+        try:
+            folder = StudyFolder(out)
+            folder.check_ray_state(folder.load()[1])
+            return True
+        except ConfigError:
+            os.killpg(driver.pid, signal.SIGCONT)
+            return False
+    try:
+        wait_until(resumable_now, 180, "a finished trial and a state that knows every trial")
+    finally:
+        stop(driver)
+    ended = (out / "ledger.jsonl").read_text().count('"op":"end"')
+    assert ended < 6, "the study finished before the kill"
+    r = vqstudy("resume", out, "--address", address)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "killed: 6 finished (of 6)" in r.stdout and "audit" not in r.stderr
+    records = json.loads((out / "vqstudy.json").read_text())
+    client = MlflowClient(records["tracking_uri"])
+    children = client.search_runs([records["experiment_id"]], filter_string="tags.`mlflow.parentRunId` != ''")
+    assert len(children) == 6 and len({c.data.tags["vqstudy.trial_id"] for c in children}) == 6
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "recon_mse")]
+        assert sorted(steps) == list(range(500, 3001, 500)), steps
+    assert vqstudy("export", out).returncode == 0 and pq.read_table(out / "results.parquet").num_rows == 6

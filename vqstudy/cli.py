@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a study's trials as one Parquet table")
     p.add_argument("dir", nargs="?", help="study folder (default output DIR/results.parquet)")
-    p.add_argument("--experiment", help="export this MLflow experiment instead of a study folder")
-    p.add_argument("--tracking-uri", help="with --experiment: the MLflow store (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--run", metavar="PARENT_RUN_ID", help="export the trials of this study's parent run from an "
+                   "MLflow store, without the study folder")
+    p.add_argument("--experiment", help="export every study of this MLflow experiment")
+    p.add_argument("--tracking-uri", help="with --run/--experiment: the MLflow store (default: MLFLOW_TRACKING_URI)")
     p.add_argument("-o", "--output", help="Parquet file to write")
     p.set_defaults(func=cmd_export)
 
@@ -182,24 +184,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .analysis.export import export_runs
     from .folder import StudyFolder
 
-    if bool(args.dir) == bool(args.experiment):
-        raise ConfigError("export: give a study folder or --experiment NAME (one of them)")
+    if sum(map(bool, (args.dir, args.run, args.experiment))) != 1:
+        raise ConfigError("export: give one of a study folder, --run PARENT_RUN_ID or --experiment NAME")
     if args.dir:
         table = export_study(Path(args.dir), Path(args.output) if args.output else None)
         where = args.output or StudyFolder(args.dir).results_file
     else:
         uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri or not args.output:
-            raise ConfigError("export --experiment: needs --tracking-uri (or MLFLOW_TRACKING_URI) and -o FILE")
-        from mlflow.tracking import MlflowClient
-
-        exp = MlflowClient(uri).get_experiment_by_name(args.experiment)
-        if exp is None:
-            raise ConfigError(f"--experiment: no experiment {args.experiment!r} in {uri}")
-        table = export_runs(uri, exp.experiment_id, None, Path(args.output))
+            raise ConfigError("export --run/--experiment: needs --tracking-uri (or MLFLOW_TRACKING_URI) and -o FILE")
+        experiment_id, parent = _export_scope(uri, args.run, args.experiment)
+        table = export_runs(uri, experiment_id, parent, Path(args.output))
         where = args.output
     print(f"{table.num_rows} trials, {table.num_columns} columns -> {where}")
     return 0
+
+
+def _export_scope(uri: str, run: str | None, experiment: str | None) -> tuple[str, str | None]:
+    """(experiment id, parent run id or None) of what --run / --experiment name in the store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if run:
+        try:
+            return client.get_run(run).info.experiment_id, run
+        except MlflowException:
+            raise ConfigError(f"--run: no run {run!r} in {uri}") from None
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"--experiment: no experiment {experiment!r} in {uri}")
+    return exp.experiment_id, None
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

@@ -28,10 +28,14 @@ from .ledger import Ledger
 from .outcome import all_ok
 from .progress import progress_callback
 from .recorder import Projector, audit, make_recorder, project
-from .storage import Storage, check_uri, exists
+from .storage import Storage, check_uri, exists, prune_checkpoints
 from .study import Study
 from .tables import format_table, outcome_summary, status_columns
 from .trainable import TrialSpec, run_trial
+
+
+SYNC_PERIOD_S = 5
+STATE_PERIOD_S = 2
 
 
 def connect(address: str | None) -> bool:
@@ -44,7 +48,10 @@ def connect(address: str | None) -> bool:
     macOS and Windows laptops, switched by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when
     Ray is imported) the node is 127.0.0.1 and every server binds loopback."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # vqstudy prints its own progress and table
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune saves its experiment state every STATE_PERIOD_S: a resume must find a state that
+    # knows every trial the ledger started (folder.check_ray_state), and Tune's own period
+    # (10 s or more) lets several trials start unseen.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_PERIOD_S))
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
@@ -100,7 +107,10 @@ def _new_tuner(study: Study, storage: Storage, recorder):
     run_config = tune.RunConfig(
         name=storage.name, storage_path=root, storage_filesystem=None if storage.is_local else fs,
         failure_config=tune.FailureConfig(max_failures=study.sweep.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),   # pruned when the Tuner returns
+        # a remote storage receives Tune's state (and the trials' files) every few seconds
+        # instead of Tune's default 5 minutes, so that a resume finds a recent state
+        sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
         callbacks=[recorder, progress_callback(study)], verbose=0)
     return tune.Tuner(_trainable(study), tune_config=tune_config, run_config=run_config)
 
@@ -129,6 +139,7 @@ def _fit(tuner_for, study: Study, folder: StudyFolder, records: Records, ledger:
     ok = False
     try:
         tuner_for(recorder).fit()
+        prune_checkpoints(folder.storage(records))
         recorder.drain()
         project(folder.ledger_file, projector)   # whatever a failed write left out
         rows = folder.trial_rows(study, records)

@@ -107,21 +107,31 @@ class StudyFolder:
         return study, records
 
     def check_ray_state(self, records: Records) -> None:
-        """Ray writes its experiment state in place (not atomically); a driver killed during that
-        write leaves it empty, and Tune would then resume only part of the study without saying
-        so. Refuse instead, naming the file."""
+        """Refuse a Ray experiment state that cannot resume this study exactly, naming it:
+        - empty or cut short: Ray writes it in place, and a driver killed during that write
+          leaves it so; Tune would resume only part of the study without saying so;
+        - older than the ledger: it does not know trials the driver started after it was
+          saved (a remote storage receives it every few seconds); Tune would run their grid
+          points again beside the records of the first attempt."""
         from . import storage as st
+        from .ledger import replay
 
         where = self.storage(records)
         states = st.list_names(where, "experiment_state-")
         if not states:
             raise ConfigError(f"{where.describe()}: no Ray experiment state to resume from")
         try:
-            json.loads(st.read_text(where, states[-1]))
+            state = json.loads(st.read_text(where, states[-1]))
         except ValueError:
             raise ConfigError(f"{where.describe()}/{states[-1]}: Ray's experiment state is empty or cut short (the "
                               f"driver was killed while Ray wrote it); this study cannot be resumed: run it again "
                               f"into a new --out") from None
+        known = {json.loads(trial)["trial_id"] for trial, _ in state["trial_data"]}
+        unknown = sorted(set(replay(self.ledger_file)) - known)
+        if unknown:
+            raise ConfigError(f"{where.describe()}/{states[-1]}: Ray's saved state is older than the study's ledger "
+                              f"(it does not know trial {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}); "
+                              f"resuming would run those points twice: run the study again into a new --out")
 
     def trial_rows(self, study: Study, records: Records) -> list[dict[str, Any]]:
         """One row per trial Ray knows, in the order of the study's points: trial_id, outcome,

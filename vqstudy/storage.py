@@ -80,6 +80,29 @@ def list_names(storage: Storage, pattern_prefix: str) -> list[str]:
     return sorted(i.base_name for i in infos if i.base_name.startswith(pattern_prefix))
 
 
+def prune_checkpoints(storage: Storage) -> int:
+    """Delete every trial's checkpoints but its newest; returns how many went.
+
+    Tune keeps all of them while a study runs (`num_to_keep=None`): with a limit, it deletes
+    a trial's previous checkpoint just before it saves the experiment state naming the new
+    one, and a driver killed in between leaves a state that names a checkpoint that is gone.
+    Once the Tuner has returned, its final state names each trial's newest, so the older
+    ones can go."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem()
+    pruned = 0
+    for trial in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if trial.type != pafs.FileType.Directory or not trial.base_name.startswith("trial_"):
+            continue
+        found = fs.get_file_info(pafs.FileSelector(trial.path))
+        checkpoints = sorted(i.path for i in found if i.base_name.startswith("checkpoint_"))
+        for old in checkpoints[:-1]:
+            fs.delete_dir(old)
+            pruned += 1
+    return pruned
+
+
 PROBE_DIR = ".vqstudy-preflight"
 
 
