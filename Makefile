@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Everything but the tests that start Ray or driver processes (about 40 s on 2 cores).
+# Everything but the tests that start Ray, a cluster or driver processes (about 25 s on 2 cores).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -61,6 +61,20 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def stop_node(proc: subprocess.Popen) -> None:
+    """A node lost for good: every process in its mount namespace killed, also the Ray workers
+    that left its process group (they would otherwise finish their trials as orphans)."""
+    namespace = os.readlink(f"/proc/{proc.pid}/ns/mnt")
+    assert namespace != os.readlink("/proc/self/ns/mnt"), "the node shares our mount namespace"
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.readlink(f"/proc/{entry}/ns/mnt") == namespace:
+                os.kill(int(entry), 9)
+        except OSError:
+            continue
+    proc.wait()
+
+
 def env() -> dict[str, str]:
     return {**os.environ, **CREDENTIALS, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
 
@@ -84,31 +98,44 @@ def s3():
         stop(proc)
 
 
+class Cluster:
+    """A head with 0 CPUs and a 2-CPU worker that cannot see `hidden`, the folder under which
+    the tests put their study folders. On the worker, `hidden` holds a stale study folder
+    `stale/` (a copy of an old study left on a node's own disk)."""
+
+    def __init__(self, hidden: Path):
+        self.hidden, self.temp, self.port = hidden, Path(tempfile.mkdtemp(prefix="vqs-")), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--num-cpus", "0", "--port", str(self.port),
+                                      "--temp-dir", str(self.temp / "head"), "--include-dashboard", "false", "--block"],
+                                     env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.worker = self.start_worker()
+
+    def start_worker(self) -> subprocess.Popen:
+        """A worker node in its own mount namespace (each with its own --temp-dir), joined."""
+        stale, temp = self.hidden / "stale", tempfile.mkdtemp(prefix="w", dir=self.temp)
+        script = (f"mount -t tmpfs tmpfs {self.hidden} && mkdir -p {stale}/ray && echo '{{\"tracking_uri\": "
+                  f"\"sqlite:///x\"}}' > {stale}/vqstudy.json && echo junk > {stale}/mlflow.db && exec "
+                  f"{BIN / 'ray'} start --address {self.address} --num-cpus 2 --temp-dir {temp} --block")
+        worker = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], env=env(),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: _alive_cpu_nodes(self.address) == 1, 90, "the worker node")
+        return worker
+
+    def close(self) -> None:
+        stop_node(self.worker)
+        stop(self.head)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """(address, hidden): a head with 0 CPUs and a 2-CPU worker that cannot see `hidden`, the
-    folder under which the tests put their study folders. On the worker, `hidden` holds a
-    stale study folder `stale/` (a copy of an old study left on a node's own disk)."""
-    hidden = tmp_path_factory.mktemp("driver-disk")
-    temp = Path(tempfile.mkdtemp(prefix="vqs-"))   # outside `hidden`: each node's own --temp-dir
-    port = free_port()
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--num-cpus", "0", "--port", str(port),
-                             "--temp-dir", str(temp / "head"), "--include-dashboard", "false", "--block"],
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    stale = hidden / "stale"
-    script = (f"mount -t tmpfs tmpfs {hidden} && mkdir -p {stale}/ray && echo '{{\"tracking_uri\": \"sqlite:///x\"}}' "
-              f"> {stale}/vqstudy.json && echo junk > {stale}/mlflow.db && exec {BIN / 'ray'} start --address "
-              f"127.0.0.1:{port} --num-cpus 2 --temp-dir {temp / 'worker'} --block")
-    worker = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], env=env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"127.0.0.1:{port}"
+    c = Cluster(tmp_path_factory.mktemp("driver-disk"))
     try:
-        wait_until(lambda: _alive_cpu_nodes(address) == 1, 90, "the worker node")
-        yield address, hidden
+        yield c
     finally:
-        stop(worker)
-        stop(head)
-        shutil.rmtree(temp, ignore_errors=True)
+        c.close()
 
 
 def _alive_cpu_nodes(address: str) -> int:
@@ -132,7 +159,7 @@ def test_study_runs_on_a_node_without_the_driver_disk(tmp_path, cluster, s3):
     """Checkpoints on S3, MLflow in the driver's SQLite: every trial finished on the worker node
     (over a stale study folder of the same path there), one child run per trial with its final
     metrics and figures, and the export has a row per trial."""
-    address, hidden = cluster
+    address, hidden = cluster.address, cluster.hidden
     out = hidden / "stale"
     r = vqstudy("run", study_file(tmp_path, "nodisk"), "--out", out, "--address", address, "--storage", s3)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -157,7 +184,7 @@ def test_study_runs_on_a_node_without_the_driver_disk(tmp_path, cluster, s3):
 def test_a_folder_the_worker_cannot_see_is_refused(tmp_path, cluster):
     """Without --storage, the study folder is the driver's own disk: preflight finds that the
     worker does not see it, exit 2 in one line naming the node, nothing left behind."""
-    address, hidden = cluster
+    address, hidden = cluster.address, cluster.hidden
     out = hidden / "local"
     t0 = time.time()
     r = vqstudy("run", study_file(tmp_path, "local"), "--out", out, "--address", address)
@@ -168,7 +195,7 @@ def test_a_folder_the_worker_cannot_see_is_refused(tmp_path, cluster):
 
 def test_unreachable_storage_and_tracking_are_refused(tmp_path, cluster, s3):
     """Storage or a tracking server nobody answers at: exit 2, one line, before any trial."""
-    address, hidden = cluster
+    address, hidden = cluster.address, cluster.hidden
     dead = free_port()
     bad_storage = f"s3://studies/runs?endpoint_override=127.0.0.1:{dead}&scheme=http"
     r = vqstudy("run", study_file(tmp_path, "nostore"), "--out", hidden / "nostore", "--address", address,
@@ -211,7 +238,7 @@ def test_study_tracked_by_an_mlflow_server(tmp_path, cluster, s3, mlflow_server)
     """The same study tracked by a tracking server: the server holds one child run per trial with
     its figures; `export DIR` and `export --run PARENT` give this study's rows only, also when
     another study shares the experiment."""
-    address, hidden = cluster
+    address, hidden = cluster.address, cluster.hidden
     path = study_file(tmp_path, "served")
     outs = [hidden / "served1", hidden / "served2"]
     for out in outs:   # two studies in one experiment of one store
@@ -236,7 +263,7 @@ def test_killed_driver_resumes_on_the_cluster(tmp_path, cluster, s3):
     """The driver is SIGKILLed mid-study (after a trial ended, with Ray's state on S3);
     `vqstudy resume` ends with each trial finished once: one child run per trial, every
     evaluation logged once, an export row per trial, the audit passing."""
-    address, hidden = cluster
+    address, hidden = cluster.address, cluster.hidden
     out = hidden / "killed"
     path = tiny_study(tmp_path, name="killed", sweep={"grid": {"quantizer.codebook_size": [8, 16, 32, 64, 128, 256]}},
                       base={"train": {"steps": 3000, "eval_every": 500, "device": "cpu"}})
@@ -278,3 +305,33 @@ def test_killed_driver_resumes_on_the_cluster(tmp_path, cluster, s3):
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "recon_mse")]
         assert sorted(steps) == list(range(500, 3001, 500)), steps
     assert vqstudy("export", out).returncode == 0 and pq.read_table(out / "results.parquet").num_rows == 6
+
+
+def test_a_lost_worker_node_is_survived(tmp_path, cluster, s3):
+    """The only worker node dies mid-study (its whole process group killed) and another joins:
+    the trials fail over to it from their checkpoints on S3 and the study finishes, exactly
+    recorded."""
+    out = cluster.hidden / "nodeloss"
+    path = tiny_study(tmp_path, name="nodeloss", sweep={"grid": {"quantizer.codebook_size": [8, 16]}},
+                      base={"train": {"steps": 3000, "eval_every": 500, "device": "cpu"}})
+    driver = subprocess.Popen([sys.executable, "-m", "vqstudy.cli", "run", str(path), "--out", str(out), "--address",
+                               cluster.address, "--storage", s3], env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        ledger = out / "ledger.jsonl"
+        wait_until(lambda: ledger.exists() and ledger.read_text().count('"op":"checkpoint"') >= 2, 180,
+                   "both trials' first checkpoints")
+        stop_node(cluster.worker)
+        cluster.worker = cluster.start_worker()
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:
+        stop(driver)
+    assert driver.returncode == 0, stderr[-3000:]
+    assert "nodeloss: 2 finished (of 2)" in stdout and "failures" in stdout   # the table shows the retries
+    records = json.loads((out / "vqstudy.json").read_text())
+    client = MlflowClient(records["tracking_uri"])
+    children = client.search_runs([records["experiment_id"]], filter_string="tags.`mlflow.parentRunId` != ''")
+    assert len(children) == 2 and all("vqstudy.restored_at_step" in c.data.tags for c in children)
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "recon_mse")]
+        assert sorted(steps) == list(range(500, 3001, 500)), steps

@@ -247,10 +247,11 @@ def test_killed_trial_is_retried_from_checkpoint(tmp_path, ray_address):
     assert 50 <= int(children[0].data.tags["vqstudy.restored_at_step"]) < 1000
     steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "recon_mse")]
     assert sorted(steps) == list(range(50, 1001, 50))
-    # Ray appends every report to result.json: a rerun from scratch would report step 50 again
-    # (a retry from the step-50 checkpoint may repeat steps reported after it, never step 50).
-    reported = [json.loads(line)["step"] for line in (out / RAY_DIR / f"trial_{row['trial_id']}" /
-                                                        "result.json").read_text().splitlines()]
+    # The driver's ledger holds every report it received: a rerun from scratch would report
+    # step 50 again (a retry from the step-50 checkpoint may repeat later steps, never step 50).
+    from vqstudy.ledger import replay
+
+    reported = [r["step"] for r in replay(out / "ledger.jsonl")[row["trial_id"]].results]
     assert reported.count(50) == 1 and reported[-1] == 1000
 
 
