@@ -27,11 +27,6 @@ class Outcome(str, Enum):
         return self is not Outcome.NOT_FINISHED
 
     @property
-    def complete(self) -> bool:
-        """It ran to the end: the trials fits and figures use, and a study needs for exit 0."""
-        return self in (Outcome.FINISHED,)
-
-    @property
     def ok(self) -> bool:
         """Not a failure: what a study's exit code and the MLflow status FINISHED mean."""
         return self in (Outcome.FINISHED, Outcome.STOPPED_EARLY)

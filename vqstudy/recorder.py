@@ -127,14 +127,13 @@ def make_recorder(study: Study, ledger: Ledger, projector: Projector):
             reason = f"{type(error).__name__}: {error}".splitlines()[0][:2000] if error else "failed"
             self._record("ended", trial.trial_id, Outcome.FAILED.value, reason, None)
 
-        def drain(self) -> list[Exception]:
-            """Wait for every queued MLflow write; returns the ones that failed."""
-            errors = []
+        def drain(self) -> None:
+            """Wait for every queued MLflow write. One that failed is not raised here: the
+            driver replays the whole ledger next (`project`), which writes what is missing
+            or raises if the store still refuses."""
             for future in self.pending:
-                if future.exception():
-                    errors.append(future.exception())
+                future.exception()
             self.pending.clear()
-            return errors
 
     return Recorder()
 
