@@ -94,6 +94,11 @@ def _trainable(study: Study):
     return tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources)
 
 
+def _trial_dirname(trial) -> str:
+    """A module-level function, not a lambda: Tune pickles it into every trial's state."""
+    return f"trial_{trial.trial_id}"
+
+
 def _new_tuner(study: Study, storage: Storage, recorder):
     from ray import tune
 
@@ -103,7 +108,7 @@ def _new_tuner(study: Study, storage: Storage, recorder):
     tune_config = tune.TuneConfig(search_alg=make_searcher(study), scheduler=study.scheduler.build(study),
                                   num_samples=study.num_trials, reuse_actors=True,
                                   max_concurrent_trials=study.resources.max_concurrent,
-                                  trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}")
+                                  trial_dirname_creator=_trial_dirname)
     run_config = tune.RunConfig(
         name=storage.name, storage_path=root, storage_filesystem=None if storage.is_local else fs,
         failure_config=tune.FailureConfig(max_failures=study.sweep.max_failures),
