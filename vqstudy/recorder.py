@@ -49,7 +49,7 @@ class Projector:
         tracking.log_artifacts(self.uri, self.runs[trial_id].run_id, [self.root / p for p in paths])
 
     def ended(self, trial_id: str, outcome: str, reason: str | None, stopped_at: int | None) -> None:
-        self.runs[trial_id].end(Outcome(outcome), reason, stopped_at)
+        self.runs.pop(trial_id).end(Outcome(outcome), reason, stopped_at)   # a resume reopens it
 
     def replay(self, record: TrialRecord, closed: dict[str, tuple[str, int]]) -> None:
         """Bring one trial's run up to what the ledger says (skipped when MLflow already has it all)."""
@@ -101,6 +101,8 @@ def make_recorder(study: Study, ledger: Ledger, projector: Projector):
             """Into the ledger now, into MLflow on the writer thread (same method names)."""
             getattr(ledger, event)(*args)
             self.pending.append(self.writer.submit(getattr(projector, event), *args))
+            if len(self.pending) >= 1000:   # keep only the writes not yet done
+                self.pending = [f for f in self.pending if not f.done()]
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self._record("started", trial.trial_id, str(trial), dict(trial.config))
