@@ -251,3 +251,13 @@ def test_per_point_plan_hands_out_points_round_robin():
     plan.complete("t1", {"recon_mse": 0.5, "outcome": "diverged"}, error=False)
     states = [t.state.name for s in plan.studies for t in s.trials]
     assert states.count("COMPLETE") == 1 and states.count("FAIL") == 1
+
+
+def test_planned_steps_follow_a_swept_train_steps():
+    """A trial's planned steps are the base's, or its own when the study sweeps train.steps."""
+    import vqstudy.study as st
+
+    study = st.parse_study({"name": "s", "base": {"train.steps": 40},
+                            "sweep": {"grid": {"train.steps": [40, 80], "quantizer.codebook_size": [8]}}})
+    assert [study.planned_steps(p) for p in study.points()] == [40, 80]
+    assert st.parse_study({"name": "s", "base": {"train.steps": 30}}).planned_steps({"train.seed": 1}) == 30

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .catalogue import OBJECTIVES
-from .config import TrialConfig, all_keys, coerce, split_key
+from .config import TrialConfig, coerce, split_key
 from .errors import ConfigError
 from .fields import check_keys, flatten, load_yaml, parse_section, require_mapping, section_dict, spec, user_fields
 from .fragments import NAME_RE, merge_includes
@@ -24,7 +24,6 @@ from .schedulers import FIFO, SCHEDULERS, name_of
 
 STUDY_KEYS = ("name", "description", "base", "sweep", "resources", "tracking")
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
-CONFIG_KEYS = frozenset(all_keys())
 
 
 @dataclass
@@ -98,8 +97,11 @@ class Study:
         return self.base.updated(params, source=self.source)
 
     def planned_steps(self, trial_keys: dict[str, Any]) -> int:
-        """train.steps of the trial whose swept keys are `trial_keys` (other entries ignored)."""
-        return self.trial_config({k: v for k, v in trial_keys.items() if k in CONFIG_KEYS}).train.steps
+        """train.steps of the trial whose swept keys are `trial_keys`: the base's unless it sweeps
+        them. No config is built: the driver asks this for every trial that ends, and the
+        swept values were validated with the study."""
+        steps = trial_keys.get("train.steps")
+        return self.base.train.steps if steps is None else int(steps)
 
     def trial_configs(self) -> Iterator[TrialConfig]:
         """The config of every point (searched keys at their base values)."""
