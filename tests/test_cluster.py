@@ -260,7 +260,8 @@ def test_study_tracked_by_an_mlflow_server(tmp_path, cluster, s3, mlflow_server)
 
 
 def test_killed_driver_resumes_on_the_cluster(tmp_path, cluster, s3):
-    """The driver is SIGKILLed mid-study (after a trial ended, with Ray's state on S3);
+    """The driver is SIGKILLed mid-study (after a trial ended, with Ray's state on S3, at
+    whatever moment of Tune's writes that is);
     `vqstudy resume` ends with each trial finished once: one child run per trial, every
     evaluation logged once, an export row per trial, the audit passing."""
     address, hidden = cluster.address, cluster.hidden
@@ -271,25 +272,11 @@ def test_killed_driver_resumes_on_the_cluster(tmp_path, cluster, s3):
                                address, "--storage", s3], env=env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
 
-    def resumable_now() -> bool:
-        """A trial has ended, and Ray's state on S3 knows every trial the ledger does (resume
-        refuses a state older than the ledger: see test_resume_refuses_a_state_older_than_the_ledger)."""
-        from vqstudy.errors import ConfigError
-        from vqstudy.folder import StudyFolder
-
+    def a_trial_ended() -> bool:
         ledger = out / "ledger.jsonl"
-        if not ledger.exists() or '"op":"end"' not in ledger.read_text():
-            return False
-        os.killpg(driver.pid, signal.SIGSTOP)   # hold the driver still while we look
-        try:
-            folder = StudyFolder(out)
-            folder.check_ray_state(folder.load()[1])
-            return True
-        except ConfigError:
-            os.killpg(driver.pid, signal.SIGCONT)
-            return False
+        return ledger.exists() and '"op":"end"' in ledger.read_text()
     try:
-        wait_until(resumable_now, 180, "a finished trial and a state that knows every trial")
+        wait_until(a_trial_ended, 180, "a finished trial")
     finally:
         stop(driver)
     ended = (out / "ledger.jsonl").read_text().count('"op":"end"')
@@ -313,7 +300,7 @@ def test_a_lost_worker_node_is_survived(tmp_path, cluster, s3):
     recorded."""
     out = cluster.hidden / "nodeloss"
     path = tiny_study(tmp_path, name="nodeloss", sweep={"grid": {"quantizer.codebook_size": [8, 16]}},
-                      base={"train": {"steps": 3000, "eval_every": 500, "device": "cpu"}})
+                      base={"train": {"steps": 8000, "eval_every": 1000, "device": "cpu"}})
     driver = subprocess.Popen([sys.executable, "-m", "vqstudy.cli", "run", str(path), "--out", str(out), "--address",
                                cluster.address, "--storage", s3], env=env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -334,4 +321,4 @@ def test_a_lost_worker_node_is_survived(tmp_path, cluster, s3):
     assert len(children) == 2 and all("vqstudy.restored_at_step" in c.data.tags for c in children)
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "recon_mse")]
-        assert sorted(steps) == list(range(500, 3001, 500)), steps
+        assert sorted(steps) == list(range(1000, 8001, 1000)), steps

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from vqstudy import tracking
+from vqstudy import snapshot, tracking
 from vqstudy.errors import ConfigError
 from vqstudy.folder import StudyFolder
 from vqstudy.ledger import Ledger, replay
 from vqstudy.outcome import Outcome
-from vqstudy.recorder import Projector, audit, project
+from vqstudy.recorder import Committer, Projector, audit, project
+from vqstudy.storage import Storage
 
 
 def write_trial(ledger: Ledger, trial: str, steps=(10, 20), outcome: str | None = "finished"):
@@ -84,7 +86,8 @@ def test_projection_is_exactly_once_and_idempotent(tmp_path):
 
 
 def test_audit_names_trials_missing_from_mlflow(tmp_path):
-    """Ray says done; MLflow lacks the run, or holds another step or outcome: each is named."""
+    """The ledger says done; MLflow lacks the run, or holds another step or outcome; Ray's
+    committed state and the ledger disagree on which trials ended: each is named."""
     ledger = Ledger(tmp_path / "ledger.jsonl")
     write_trial(ledger, "a")
     write_trial(ledger, "b", steps=(10,))
@@ -95,7 +98,67 @@ def test_audit_names_trials_missing_from_mlflow(tmp_path):
             {"trial_id": "b", "outcome": Outcome.FINISHED, "step": 20},      # MLflow stopped at 10
             {"trial_id": "c", "outcome": Outcome.DIVERGED, "step": 5},       # never recorded
             {"trial_id": "d", "outcome": Outcome.NOT_FINISHED}]              # not done: not audited
-    problems = audit(rows, projector)
-    assert len(problems) == 2
-    assert problems[0].startswith("b: MLflow says finished at step 10, Ray says finished at step 20")
-    assert problems[1] == "c: 0 child runs"
+    assert audit(rows, projector) == ["b: MLflow says finished at step 10, the ledger says finished at step 20",
+                                      "c: 0 child runs"]
+    ray = {"a": "TERMINATED", "b": "TERMINATED", "c": "RUNNING", "d": "PENDING", "e": "ERROR"}
+    assert audit(rows, projector, ray)[:2] == ["e: Ray says it ended, the ledger does not",
+                                               "c: the ledger says it ended, Ray does not"]
+
+
+def test_resume_cuts_the_ledger_back_to_its_last_commit(tmp_path):
+    """What a killed driver appended after its last commit is set aside, not replayed."""
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path)
+    write_trial(ledger, "a")
+    committed = ledger.sync()
+    write_trial(ledger, "b", outcome=None)
+    ledger.close()
+    Ledger(path, committed_bytes=committed).close()
+    assert list(replay(path)) == ["a"]
+    (aside,) = tmp_path.glob("ledger.rolledback-*.jsonl")
+    assert '"trial":"b"' in aside.read_text()
+
+
+def _staging(tmp_path, state: str) -> Path:
+    staging = tmp_path / "staging"
+    staging.mkdir(exist_ok=True)
+    (staging / "experiment_state-s1.json").write_text(state)
+    (staging / "tuner.pkl").write_bytes(b"tuner")
+    return staging
+
+
+def test_committer_writes_ledger_and_mlflow_only_at_a_commit(tmp_path):
+    """Events wait for Tune's next save; the commit pairs the ledger's length with a copy of
+    Tune's state, and only committed events reach MLflow."""
+    projector = projector_for(tmp_path)
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    committer = Committer(ledger, projector, tmp_path / "ray-state")
+    committer.staging = _staging(tmp_path, '{"trial_data": [["{\\"trial_id\\": \\"a\\", \\"status\\": \\"RUNNING\\"}", "{}"]]}')
+    committer.record("started", "a", "run_a", {"quantizer.codebook_size": 16})
+    committer.record("result", "a", {"step": 10, "recon_mse": 0.1})
+    assert replay(ledger.path) == {}
+    committer.drain()
+    commit = snapshot.committed(tmp_path / "ray-state")
+    assert commit.ledger_bytes == ledger.path.stat().st_size and commit.files == ("experiment_state-s1.json", "tuner.pkl")
+    assert snapshot.trial_statuses(commit, tmp_path / "ray-state") == {"a": "RUNNING"}
+    assert set(tracking.children(projector.uri, projector.experiment_id, projector.parent)) == {"a"}
+    committer.record("ended", "a", "finished", None, None)   # the driver dies before Tune saves again
+    ledger.close()
+    assert replay(ledger.path)["a"].outcome is None
+
+
+def test_restore_puts_the_committed_state_back(tmp_path):
+    """A storage whose state is cut short, or newer than the commit, gets the committed one."""
+    state_dir = tmp_path / "ray-state"
+    commit = snapshot.save(_staging(tmp_path, '{"trial_data": []}'), state_dir, 0)
+    storage = Storage(str(tmp_path / "store"), "ray")
+    exp = tmp_path / "store" / "ray"
+    exp.mkdir(parents=True)
+    (exp / "experiment_state-s1.json").write_text('{"trial_da')           # cut short
+    (exp / "experiment_state-s2.json").write_text('{"trial_data": []}')   # a session never committed
+    (exp / "trial_x").mkdir()
+    snapshot.restore(commit, state_dir, storage)
+    assert sorted(p.name for p in exp.iterdir()) == ["experiment_state-s1.json", "trial_x", "tuner.pkl"]
+    assert (exp / "experiment_state-s1.json").read_text() == '{"trial_data": []}'
+    again = snapshot.save(_staging(tmp_path, '{"trial_data": []}'), state_dir, 5)
+    assert again.generation == "g000002" and [p.name for p in state_dir.iterdir() if p.is_dir()] == ["g000002"]

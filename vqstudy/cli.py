@@ -162,15 +162,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from .folder import StudyFolder
     from .outcome import all_ok
-    from .storage import exists
     from .tables import format_table, outcome_summary, status_columns
 
     folder = StudyFolder(Path(args.dir))
-    study, records = folder.load()
-    if not exists(folder.storage(records)):
-        print(f"{study.name}: no trial started yet (0/{study.num_trials})")
+    study, _ = folder.load()
+    rows = folder.trial_rows(study)
+    if not rows:
+        print(f"{study.name}: no trial recorded yet (0/{study.num_trials})")
         return 1
-    rows = folder.trial_rows(study, records)
     print(format_table(rows, status_columns(study, rows)))
     print(f"\n{study.name}: {outcome_summary(rows, study.num_trials)}")
     return 0 if all_ok([r["outcome"] for r in rows], study.num_trials) else 1

@@ -3,9 +3,11 @@ restore it, and settle the records when it ends.
 
     run:    refuse a used folder -> connect -> preflight -> lock the ledger -> folder + MLflow
             parent run -> Tuner.fit
-    resume: read the folder -> lock the ledger -> replay it into MLflow -> connect -> preflight
-            -> Tuner.restore -> fit
-    both:   drain the recorder -> replay the ledger -> trial rows -> audit -> table -> parent closed
+    resume: read the folder -> lock the ledger, cut back to the last commit -> replay it into
+            MLflow -> connect -> preflight -> the committed Ray state into the storage ->
+            Tuner.restore -> fit (nothing committed yet: a fresh Tuner, same records)
+    both:   commit and drain the recorder -> replay the ledger -> trial rows -> audit -> table
+            -> parent closed
 
 What a trial does in its worker is trainable.py; what the driver records of it is
 recorder.py (ledger, then MLflow); the folder's layout is folder.py; where Ray keeps its
@@ -21,21 +23,22 @@ import sys
 import time
 from pathlib import Path
 
-from . import preflight, tracking
+from . import preflight, snapshot, tracking
 from .errors import ConfigError
 from .folder import RAY_DIR, Records, StudyFolder
 from .ledger import Ledger
 from .outcome import all_ok
 from .progress import progress_callback
-from .recorder import Projector, audit, make_recorder, project
-from .storage import Storage, check_uri, exists, prune_checkpoints
+from .recorder import Committer, Projector, audit, make_recorder, project
+from .storage import Storage, check_uri, clear, prune_checkpoints
 from .study import Study
 from .tables import format_table, outcome_summary, status_columns
 from .trainable import TrialSpec, run_trial
 
 
 SYNC_PERIOD_S = 5
-STATE_PERIOD_S = 2
+STATE_PERIOD_S = 2.0
+STATE_S_PER_TRIAL = 0.002
 
 
 def connect(address: str | None) -> bool:
@@ -48,10 +51,9 @@ def connect(address: str | None) -> bool:
     macOS and Windows laptops, switched by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when
     Ray is imported) the node is 127.0.0.1 and every server binds loopback."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # vqstudy prints its own progress and table
-    # Tune saves its experiment state every STATE_PERIOD_S: a resume must find a state that
-    # knows every trial the ledger started (folder.check_ray_state), and Tune's own period
-    # (10 s or more) lets several trials start unseen.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_PERIOD_S))
+    # Tune's per-trial result.json/progress.csv/params files on the driver, copied to the
+    # storage with its state: the ledger records all of it already.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
@@ -89,7 +91,7 @@ def _trainable(study: Study):
     from ray import tune
 
     spec = TrialSpec(base=study.base.to_flat(), artifacts=study.tracking.artifacts, cpu=study.resources.cpu,
-                     checkpoint_interval_s=study.sweep.checkpoint_interval_s)
+                     checkpoint_interval_s=study.sweep.checkpoint_interval_s, tune_keys=tuple(study.sweep.metric))
     resources = {"cpu": study.resources.cpu, "gpu": study.resources.gpu}
     return tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources)
 
@@ -97,6 +99,16 @@ def _trainable(study: Study):
 def _trial_dirname(trial) -> str:
     """A module-level function, not a lambda: Tune pickles it into every trial's state."""
     return f"trial_{trial.trial_id}"
+
+
+def _set_state_period(study: Study) -> None:
+    """How often Tune saves its experiment state, and so how often the recorder commits
+    (snapshot.py): what a killed driver loses, and how late MLflow shows a result. Tune's
+    own period ("auto", 10 s or more) would lose more; but the state holds every trial and
+    each save rewrites it, so beyond 1,000 trials the period grows with the study (2 ms
+    a trial) to keep the cost of saving per second flat. TUNE_GLOBAL_CHECKPOINT_S wins."""
+    period = max(STATE_PERIOD_S, study.num_trials * STATE_S_PER_TRIAL)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", f"{period:g}")
 
 
 def _new_tuner(study: Study, storage: Storage, recorder):
@@ -140,16 +152,17 @@ def _fit(tuner_for, study: Study, folder: StudyFolder, records: Records, ledger:
     print the table; 0 if every trial finished (or was stopped early by the scheduler) and
     the audit found its record, 1 otherwise."""
     projector = _projector(study, folder, records)
-    recorder = make_recorder(study, ledger, projector)
+    recorder = make_recorder(study, Committer(ledger, projector, folder.state_dir))
+    _set_state_period(study)
     ok = False
     try:
         tuner_for(recorder).fit()
-        prune_checkpoints(folder.storage(records))
         recorder.drain()
+        prune_checkpoints(folder.storage(records))
         project(folder.ledger_file, projector)   # whatever a failed write left out
-        rows = folder.trial_rows(study, records)
+        rows = folder.trial_rows(study)
         print(format_table(rows, status_columns(study, rows)))
-        problems = audit(rows, projector)
+        problems = audit(rows, projector, folder.ray_statuses())
         for problem in problems:
             sys.stderr.write(f"vqstudy: audit: {problem}\n")
         ok = all_ok([r["outcome"] for r in rows], study.num_trials) and not problems
@@ -200,19 +213,28 @@ def run(study: Study, out_dir: Path, address: str | None = None, tracking_uri: s
 
 
 def resume(out_dir: Path, address: str | None = None) -> int:
-    """Finish an interrupted study: finished trials stay, unfinished and errored ones continue
-    from their last checkpoints, trials never started start; the same parent run is reopened."""
+    """Finish an interrupted study from its last commit (snapshot.py): finished trials stay,
+    unfinished and errored ones continue from their last checkpoints, points never handed
+    out start; the same parent run is reopened. A study killed before its first commit has
+    nothing to keep and starts again (same records); one from before commits existed is
+    resumed from Ray's own state if that can resume it exactly (folder.check_ray_state)."""
     folder = StudyFolder(Path(out_dir).resolve())
     study, records = folder.load()
     storage = folder.storage(records)
-    if not exists(storage):
-        raise ConfigError(f"{folder.root}: the study never reached Ray (nothing at {storage.describe()}); run it again")
-    folder.check_ray_state(records)
-    ledger = Ledger(folder.ledger_file)
+    commit = snapshot.committed(folder.state_dir)
+    ledger = Ledger(folder.ledger_file, commit.ledger_bytes if commit else None)
     try:
+        if commit is None and folder.has_trials():
+            folder.check_ray_state(records)
         tracking.start_parent(records.tracking_uri, records.experiment_id, study.name, {}, {}, records.parent_run_id)
         _preflight(study, storage, records.tracking_uri, connect(address))
         project(folder.ledger_file, _projector(study, folder, records))   # what a killed driver did not write
+        if commit is not None:
+            snapshot.restore(commit, folder.state_dir, storage)
+        elif not folder.has_trials():
+            print(f"{study.name}: nothing was committed before the driver stopped; starting the study again")
+            clear(storage)
+            return _fit(lambda recorder: _new_tuner(study, storage, recorder), study, folder, records, ledger)
         return _fit(lambda recorder: _restored_tuner(study, storage, recorder), study, folder, records, ledger)
     finally:
         ledger.close()

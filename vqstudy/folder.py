@@ -6,12 +6,13 @@
                        put them elsewhere: `Records.storage`, storage.py)
     DIR/mlflow.db      the default MLflow store, DIR/mlartifacts/ its artifacts
     DIR/ledger.jsonl   the driver's own record of every trial event (ledger.py): what MLflow is written from
+    DIR/ray-state/     the copy of Ray's experiment state committed with the ledger (snapshot.py)
     DIR/figures/       per-trial figures, copied out of each trial's final checkpoint
     DIR/results.parquet  the export (`vqstudy export`); DIR/analysis/ fits, figures, report
 
 The driver creates a folder; `resume`, `status`, `export` and `analyze` read it. No other
-module knows this layout. Reading it needs no Ray cluster (Ray's stored state is parsed
-from disk).
+module knows this layout. Reading it needs no Ray cluster: the trials are read from the
+ledger, Ray's statuses from the committed state.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import yaml
 
 from .catalogue import HEADLINE
 from .errors import ConfigError
-from .outcome import from_ray
+from .outcome import Outcome
 from .storage import Storage
 from .study import Study, parse_study
 
@@ -67,6 +68,10 @@ class StudyFolder:
         return self.root / "ledger.jsonl"
 
     @property
+    def state_dir(self) -> Path:
+        return self.root / "ray-state"
+
+    @property
     def figures_dir(self) -> Path:
         return self.root / "figures"
 
@@ -81,6 +86,19 @@ class StudyFolder:
     def has_run(self) -> bool:
         """A study has been started here (its records or Ray's folder exist)."""
         return self.ray_dir.exists() or (self.root / RECORDS_FILE).exists()
+
+    def has_trials(self) -> bool:
+        """The ledger speaks of at least one trial."""
+        from .ledger import replay
+
+        return bool(replay(self.ledger_file))
+
+    def ray_statuses(self) -> dict[str, str] | None:
+        """Trial id -> Tune's status in the last committed state (None: nothing committed)."""
+        from . import snapshot
+
+        commit = snapshot.committed(self.state_dir)
+        return None if commit is None else snapshot.trial_statuses(commit, self.state_dir)
 
     def storage(self, records: Records) -> Storage:
         """Where Ray keeps this study's state and checkpoints."""
@@ -133,19 +151,17 @@ class StudyFolder:
                               f"(it does not know trial {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}); "
                               f"resuming would run those points twice: run the study again into a new --out")
 
-    def trial_rows(self, study: Study, records: Records) -> list[dict[str, Any]]:
-        """One row per trial Ray knows, in the order of the study's points: trial_id, outcome,
-        failures, the trial's config keys, the step reached and the headline metrics."""
-        from ray.tune import ExperimentAnalysis
+    def trial_rows(self, study: Study) -> list[dict[str, Any]]:
+        """One row per trial the ledger knows, in the order of the study's points: trial_id,
+        outcome, failures, the trial's config keys, the step reached and the headline metrics."""
+        from .ledger import replay
 
-        fs, path = self.storage(records).filesystem()
-        analysis = ExperimentAnalysis(path, storage_filesystem=fs)
         rows = []
-        for t in sorted(analysis.trials, key=_grid_order(study)):
-            result = t.last_result or {}
-            rows.append({"trial_id": t.trial_id, "outcome": from_ray(t.status, result, study.planned_steps(t.config)),
-                         "failures": t.num_failures, **t.config,
-                         **{k: result[k] for k in ("step", *HEADLINE) if k in result}})
+        for t in sorted(replay(self.ledger_file).values(), key=_grid_order(study)):
+            last = t.results[-1] if t.results else {}
+            rows.append({"trial_id": t.trial_id, "outcome": Outcome(t.outcome) if t.outcome else Outcome.NOT_FINISHED,
+                         "failures": t.failures, **t.config,
+                         **{k: last[k] for k in ("step", *HEADLINE) if k in last}})
         return rows
 
 

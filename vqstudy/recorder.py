@@ -1,9 +1,9 @@
 """The driver's record keeping: Tune's events -> the ledger -> MLflow.
 
 Trials never talk to the tracking store: they report to Tune, and on the driver the
-`Recorder` callback appends what each event says to the study's ledger (ledger.py) and
-queues the same record for MLflow on one writer thread, so the driver's loop never waits
-on the store. This is what makes the default SQLite store work on a cluster whose nodes
+`Recorder` callback hands each event to the `Committer`, which appends it to the study's
+ledger (ledger.py) each time Tune has saved its state, commits both (snapshot.py), and then
+queues it for MLflow on one writer thread, so the driver's loop never waits on the store. This is what makes the default SQLite store work on a cluster whose nodes
 do not share the driver's disk, and what keeps MLflow exact: `project()` replays the ledger
 into MLflow idempotently (steps already logged are skipped, runs already closed with the
 same outcome are left alone), at the start of a resume and at the end of every run, so a
@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import tracking
+from . import snapshot, tracking
 from .catalogue import METRICS
 from .ledger import Ledger, TrialRecord, replay
 from .outcome import Outcome, from_ray
 from .study import Study
-from .trainable import FIGURES_DIR
+from .trainable import FIGURES_DIR, unpack
 
 class Projector:
     """Writes ledger records into MLflow, idempotently; one thread calls it (the writer)."""
@@ -82,60 +82,96 @@ def _live():
     return _LIVE[0] or Callback()
 
 
-def make_recorder(study: Study, ledger: Ledger, projector: Projector):
+class Committer:
+    """Holds the driver's events until Tune has saved its experiment state, then commits them
+    with it (ledger, then the state's copy: snapshot.py) and only then hands them to MLflow
+    on one writer thread, so the driver's loop never waits on the store and neither the
+    ledger nor MLflow ever holds a trial that the committed state does not."""
+
+    def __init__(self, ledger: Ledger, projector: Projector, state_dir: Path):
+        self.ledger, self.projector, self.state_dir = ledger, projector, state_dir
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqstudy-mlflow")
+        self.pending: list = []
+        self.buffer: list[tuple[str, tuple]] = []
+        self.staging: Path | None = None   # Tune's driver staging folder (holds its state files)
+
+    def record(self, event: str, *args) -> None:
+        """`event` is a method of Ledger and, if MLflow shows it, of Projector."""
+        self.buffer.append((event, args))
+
+    def commit(self) -> None:
+        if not self.buffer or self.staging is None:
+            return
+        batch, self.buffer = self.buffer, []
+        for event, args in batch:
+            getattr(self.ledger, event)(*args)
+        snapshot.save(self.staging, self.state_dir, self.ledger.sync())
+        for event, args in batch:
+            if hasattr(self.projector, event):
+                self.pending.append(self.writer.submit(getattr(self.projector, event), *args))
+        if len(self.pending) >= 1000:   # keep only the writes not yet done
+            self.pending = [f for f in self.pending if not f.done()]
+
+    def drain(self) -> None:
+        """Commit what is left (Tune's final save is in the staging folder) and wait for
+        every queued MLflow write. One that failed is not raised here: the driver replays
+        the whole ledger next (`project`), which writes what is missing or raises if the
+        store still refuses."""
+        self.commit()
+        for future in self.pending:
+            future.exception()
+        self.pending.clear()
+
+
+def make_recorder(study: Study, committer: Committer):
     """The Tune Callback for this driver (defined here: subclassing needs Ray). Tune pickles
     its callbacks with the experiment; this one pickles as a handle (`_live`), so a resumed
-    experiment records through the new driver's ledger and writer."""
+    experiment records through the new driver's committer."""
     from ray.tune import Callback
 
     class Recorder(Callback):
         def __init__(self):
-            self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqstudy-mlflow")
-            self.pending: list = []
+            self.drain = committer.drain
             _LIVE[0] = self
 
         def __reduce__(self):
             return _live, ()
 
-        def _record(self, event: str, *args) -> None:
-            """Into the ledger now, into MLflow on the writer thread (same method names)."""
-            getattr(ledger, event)(*args)
-            self.pending.append(self.writer.submit(getattr(projector, event), *args))
-            if len(self.pending) >= 1000:   # keep only the writes not yet done
-                self.pending = [f for f in self.pending if not f.done()]
+        def get_state(self):
+            """Tune calls this right after saving its experiment state in the staging folder,
+            before copying it to the storage: the moment to commit. None: Tune keeps nothing of ours."""
+            committer.commit()
+            return None
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self._record("started", trial.trial_id, str(trial), dict(trial.config))
+            committer.staging = Path(trial.storage.experiment_driver_staging_path)
+            committer.record("started", trial.trial_id, str(trial), dict(trial.config))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self._record("result", trial.trial_id, _metrics(result))
+            result = unpack(result)
+            committer.record("result", trial.trial_id, _metrics(result))
             if "restored_at_step" in result:
-                self._record("restored", trial.trial_id, result["restored_at_step"])
+                committer.record("restored", trial.trial_id, result["restored_at_step"])
 
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-            ledger.checkpoint(trial.trial_id, (trial.last_result or {}).get("step"))
+            committer.record("checkpoint", trial.trial_id, (trial.last_result or {}).get("step"))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            committer.record("recovered", trial.trial_id)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
             outcome = from_ray("TERMINATED", result, study.planned_steps(trial.config))
             if outcome is Outcome.FINISHED and study.tracking.artifacts:
-                paths = _copy_figures(trial, projector.figures_dir / trial.trial_id, projector.root)
-                self._record("figures", trial.trial_id, paths)
+                paths = _copy_figures(trial, committer.projector.figures_dir / trial.trial_id, committer.projector.root)
+                committer.record("figures", trial.trial_id, paths)
             stopped = result.get("step") if outcome is Outcome.STOPPED_EARLY else None
-            self._record("ended", trial.trial_id, outcome.value, result.get("failure"), stopped)
+            committer.record("ended", trial.trial_id, outcome.value, result.get("failure"), stopped)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             error = trial.get_error()
             reason = f"{type(error).__name__}: {error}".splitlines()[0][:2000] if error else "failed"
-            self._record("ended", trial.trial_id, Outcome.FAILED.value, reason, None)
-
-        def drain(self) -> None:
-            """Wait for every queued MLflow write. One that failed is not raised here: the
-            driver replays the whole ledger next (`project`), which writes what is missing
-            or raises if the store still refuses."""
-            for future in self.pending:
-                future.exception()
-            self.pending.clear()
+            committer.record("ended", trial.trial_id, Outcome.FAILED.value, reason, None)
 
     return Recorder()
 
@@ -161,11 +197,18 @@ def project(ledger_path: Path, projector: Projector) -> None:
         projector.replay(record, closed)
 
 
-def audit(rows: list[dict], projector: Projector) -> list[str]:
-    """Problems with the record of the trials Ray calls done: each needs exactly one child run,
-    closed with the trial's outcome and holding its final step. [] when all is well."""
+def audit(rows: list[dict], projector: Projector, ray_statuses: dict[str, str] | None = None) -> list[str]:
+    """Problems with the record of the study's trials; [] when all is well. Every trial Ray's
+    committed state calls done (TERMINATED or ERROR) must be done in the ledger and the other
+    way round, and each done trial needs exactly one child run, closed with the trial's
+    outcome and holding its final step."""
     children = tracking.children(projector.uri, projector.experiment_id, projector.parent)
     problems = []
+    if ray_statuses is not None:
+        done_in_ledger = {row["trial_id"] for row in rows if row["outcome"].done}
+        done_in_ray = {t for t, status in ray_statuses.items() if status in ("TERMINATED", "ERROR")}
+        problems += [f"{t}: Ray says it ended, the ledger does not" for t in sorted(done_in_ray - done_in_ledger)]
+        problems += [f"{t}: the ledger says it ended, Ray does not" for t in sorted(done_in_ledger - done_in_ray)]
     for row in rows:
         if not row["outcome"].done:
             continue
@@ -174,5 +217,5 @@ def audit(rows: list[dict], projector: Projector) -> list[str]:
             problems.append(f"{row['trial_id']}: {len(runs)} child runs")
         elif runs[0][:2] != (row["outcome"].value, row.get("step")):
             problems.append(f"{row['trial_id']}: MLflow says {runs[0][0]} at step {runs[0][1]}, "
-                            f"Ray says {row['outcome'].value} at step {row.get('step')}")
+                            f"the ledger says {row['outcome'].value} at step {row.get('step')}")
     return problems

@@ -80,6 +80,15 @@ def list_names(storage: Storage, pattern_prefix: str) -> list[str]:
     return sorted(i.base_name for i in infos if i.base_name.startswith(pattern_prefix))
 
 
+def clear(storage: Storage) -> None:
+    """Delete the experiment folder (a study that committed nothing starts again in it)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem()
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
 def prune_checkpoints(storage: Storage) -> int:
     """Delete every trial's checkpoints but its newest; returns how many went.
 

@@ -9,9 +9,15 @@ touches the tracking store or the study folder: the driver records what it repor
 temporary folder on the node that runs it. A restarted trial (crash retry or `vqstudy
 resume`) continues from Tune's checkpoint and says so in its first report. A diverged
 trial reports its outcome instead of raising, so Tune does not retry a deterministic failure.
+
+Tune keeps running statistics of every numeric key a trial reports, in its experiment
+state, for every trial: a report carries only what Tune acts on (the step, the study's
+metrics, the outcome) as keys, and the rest of an evaluation's metrics as one JSON string
+under `PACKED`, which the driver unpacks (`unpack`).
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -23,6 +29,7 @@ from typing import Any
 from .outcome import Outcome
 
 FIGURES_DIR = "figures"   # inside the checkpoint folder; the driver copies them out (recorder.py)
+PACKED = "vqstudy"        # the report key holding the metrics Tune does not act on, as JSON
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,17 @@ class TrialSpec:
     artifacts: bool                 # draw per-trial figures
     cpu: float                      # torch threads
     checkpoint_interval_s: float
+    tune_keys: tuple[str, ...] = ("recon_mse",)   # what the searcher and scheduler read (sweep.metric)
+
+    def to_tune(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """A report for Tune: the keys it acts on, everything else packed in one string."""
+        keep = {k: metrics[k] for k in ("step", "outcome", "failure", *self.tune_keys) if k in metrics}
+        return {**keep, PACKED: json.dumps({k: v for k, v in metrics.items() if k not in keep})}
+
+
+def unpack(result: dict[str, Any]) -> dict[str, Any]:
+    """A Tune result's keys with the packed metrics put back beside them."""
+    return {**json.loads(result.get(PACKED, "{}")), **{k: v for k, v in result.items() if k != PACKED}}
 
 
 class Reporter:
@@ -51,7 +69,7 @@ class Reporter:
         if last:
             self.extra["reporting_time_s"] = self.reporting_s
         t0 = time.perf_counter()
-        tune.report({**metrics, **self.extra}, checkpoint=tune.Checkpoint.from_directory(self.work) if persist else None)
+        tune.report(self.spec.to_tune({**metrics, **self.extra}), checkpoint=tune.Checkpoint.from_directory(self.work) if persist else None)
         self.extra = {}
         self.persisted_at = t0 if persist else self.persisted_at
         self.reporting_s += time.perf_counter() - t0
@@ -98,6 +116,6 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         train(cfg, report=reporter, checkpoint_dir=work, on_end=reporter.on_end)
     except Diverged as e:
         last = e.metrics or {"step": e.step, "recon_mse": math.nan}
-        tune.report({**last, "outcome": Outcome.DIVERGED.value, "failure": str(e)})
+        tune.report(spec.to_tune({**last, "outcome": Outcome.DIVERGED.value, "failure": str(e)}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
