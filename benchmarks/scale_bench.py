@@ -6,7 +6,9 @@ study size N and each runner (a fresh process each, so that peak memory is its o
   - the gap between consecutive trial completions, averaged per quarter of the study: a
     driver whose cost grows with the study shows a last quarter slower than the first;
   - Ray's experiment state per trial (the newest experiment_state-*.json / N);
-  - the driver's peak memory (ru_maxrss) and, for vqstudy, the MLflow store and ledger sizes.
+  - the driver's peak memory (ru_maxrss) and, for vqstudy, the MLflow store and ledger sizes;
+  - "Tune floor": a trainable that reports one key once, no checkpoint: the state any Tune
+    trial costs, whatever its runner does.
 Targets (issue 11): last quarter within 1.5x the first at 5,000 trials; state < 2 KB/trial.
 
     python benchmarks/scale_bench.py [--sizes 100 1000 5000]
@@ -94,6 +96,32 @@ def run_plain(n: int, tmp: Path) -> dict:
             "state_per_trial": state_bytes(tmp / "plain") / n}
 
 
+def run_floor(n: int, tmp: Path) -> dict:
+    """Ray Tune's own floor: a trainable that reports one key once and never checkpoints."""
+    import ray
+    from ray import tune
+
+    def trainable(config):
+        tune.report({"x": 1.0})
+
+    ends: list[float] = []
+
+    class Ends(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            ends.append(time.time())
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    t0 = time.time()
+    tune.Tuner(tune.with_resources(trainable, {"cpu": 1}), param_space={"i": tune.grid_search(list(range(n)))},
+               tune_config=tune.TuneConfig(reuse_actors=True),
+               run_config=tune.RunConfig(name="floor", storage_path=str(tmp), callbacks=[Ends()], verbose=0)).fit()
+    return {"exit": 0, "wall_s": time.time() - t0, "quarters": quarters(ends),
+            "state_per_trial": state_bytes(tmp / "floor") / n}
+
+
+RUNNERS = {"vqstudy": run_vqstudy, "plain Ray Tune": run_plain, "Tune floor": run_floor}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 5000])
@@ -103,7 +131,7 @@ def main() -> None:
     if args.cell:
         runner, n = args.cell[0], int(args.cell[1])
         with tempfile.TemporaryDirectory() as tmp:
-            result = (run_vqstudy if runner == "vqstudy" else run_plain)(n, Path(tmp))
+            result = RUNNERS[runner](n, Path(tmp))
         result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -111,9 +139,9 @@ def main() -> None:
           "MLflow MB | ledger MB |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.sizes:
-        for runner in ("vqstudy", "plain Ray Tune"):
+        for runner in RUNNERS:
             print(f"  {runner} x {n} ...", file=sys.stderr)
-            out = subprocess.run([sys.executable, __file__, "--cell", runner.split()[0], str(n)],
+            out = subprocess.run([sys.executable, __file__, "--cell", runner, str(n)],
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"| {n} | {runner} | error: {out.stderr.strip().splitlines()[-1][:100]} |")

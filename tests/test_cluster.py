@@ -2,9 +2,11 @@
 disk: a head with no CPUs (so every trial runs on the worker) and a worker started in its
 own mount namespace with a tmpfs over the folder that holds the study folders. Storage is
 an S3-compatible server on loopback (moto) used through pyarrow's S3 filesystem; tracking
-is the driver's default SQLite store. Every study ends with the driver's audit passing."""
+is the driver's default SQLite store, or an `mlflow server` (SQLite, then PostgreSQL backend).
+Every study ends with the driver's audit passing."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -208,15 +210,65 @@ def test_unreachable_storage_and_tracking_are_refused(tmp_path, cluster, s3):
     assert not (hidden / "nostore").exists() and not (hidden / "notrack").exists()
 
 
+def _postgres_bin(name: str) -> str | None:
+    """A PostgreSQL program: on PATH, or where Debian's package puts it."""
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return shutil.which(name) or (found[-1] if found else None)
+
+
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on loopback (SQLite backend, proxied artifacts); yields its URI.
-    MLflow 3.17 answers 403 to a Host it does not allow, hence --allowed-hosts."""
+def postgres():
+    """A PostgreSQL server on loopback with an empty database; yields its SQLAlchemy URI.
+    PostgreSQL refuses to run as root: as root it runs as the `postgres` user Debian's package makes."""
+    import pwd
+
+    import psycopg
+
+    initdb, server = _postgres_bin("initdb"), _postgres_bin("postgres")
+    if not (initdb and server):
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql, as .ci/run does)")
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("PostgreSQL refuses to run as root, and there is no `postgres` user to run it as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data = Path(tempfile.mkdtemp(prefix="vqstudy-pg-"))   # not under pytest's root-only tmp folders
+    if as_user:
+        os.chown(data, owner.pw_uid, owner.pw_gid)
+    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "mlflow", "--no-sync"],
+                   check=True, capture_output=True)
+    port = free_port()
+    proc = subprocess.Popen([*as_user, server, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(data)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def up() -> bool:
+        try:
+            psycopg.connect(host="127.0.0.1", port=port, user="mlflow", dbname="postgres").close()
+            return True
+        except psycopg.OperationalError:
+            return False
+    try:
+        wait_until(up, 60, "PostgreSQL")
+        with psycopg.connect(host="127.0.0.1", port=port, user="mlflow", dbname="postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE mlflow")
+        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        stop(proc)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def mlflow_server(request, tmp_path_factory):
+    """A real `mlflow server` on loopback (SQLite, then PostgreSQL backend; proxied artifacts);
+    yields its URI. MLflow 3.17 answers 403 to a Host it does not allow, hence --allowed-hosts."""
     import urllib.request
 
     root, port = tmp_path_factory.mktemp("mlflow-server"), free_port()
+    backend = f"sqlite:///{root}/mlflow.db" if request.param == "sqlite" else request.getfixturevalue("postgres")
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination",
+                             "--backend-store-uri", backend, "--artifacts-destination",
                              str(root / "artifacts"), "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
                              "--workers", "1"], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -228,7 +280,7 @@ def mlflow_server(tmp_path_factory):
         except OSError:
             return False
     try:
-        wait_until(up, 60, "mlflow server")
+        wait_until(up, 90, "mlflow server")
         yield uri
     finally:
         stop(proc)
@@ -240,7 +292,8 @@ def test_study_tracked_by_an_mlflow_server(tmp_path, cluster, s3, mlflow_server)
     another study shares the experiment."""
     address, hidden = cluster.address, cluster.hidden
     path = study_file(tmp_path, "served")
-    outs = [hidden / "served1", hidden / "served2"]
+    port = mlflow_server.rsplit(":", 1)[1]   # one pair of study folders per server
+    outs = [hidden / f"served1-{port}", hidden / f"served2-{port}"]
     for out in outs:   # two studies in one experiment of one store
         r = vqstudy("run", path, "--out", out, "--address", address, "--storage", s3, "--tracking-uri", mlflow_server)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -325,3 +325,21 @@ def test_resume_recovers_from_a_cut_short_state_and_an_uncommitted_tail(tmp_path
     assert len(starts) == 2 and "feedbeef" not in "".join(starts)
     _, _, children = mlflow_runs(out, "tiny")
     assert len(children) == 2
+
+
+def test_a_driver_killed_before_its_first_commit_starts_again(tmp_path, ray_address, capsys):
+    """Killed as soon as the folder exists, before Tune first saved its state: nothing was
+    committed, so resume starts the study again under the same parent run, and says so."""
+    out = tmp_path / "out"
+    proc = _driver(tiny_study(tmp_path, name="early"), out, ray_address)
+    _wait_for(lambda: (out / RECORDS_FILE).exists(), 120, "the study folder", poll=0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "ray-state" / "committed.json").exists()
+    capsys.readouterr()
+    assert main(["resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "nothing was committed before the driver stopped; starting the study again" in printed
+    assert "early: 2 finished (of 2)" in printed
+    _, parents, children = mlflow_runs(out, "early")
+    assert len(parents) == 1 and len(children) == 2

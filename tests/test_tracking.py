@@ -19,7 +19,9 @@ def test_reopened_run_drops_the_earlier_attempts_verdict(tmp_path):
     first.end(Outcome.STOPPED_EARLY, stopped_at=10)
     first.client.set_tag(first.run_id, tracking.FAILURE_TAG, "RuntimeError: worker died")
     first.client.set_tag(first.run_id, tracking.OUTCOME_TAG, Outcome.FAILED.value)
-    again = tracking.TrialRun.open(uri, exp, parent, "t1", "t1", {"a.b": 1}, {})
+    known = tracking.child_run_ids(uri, exp, parent)
+    assert known == {"t1": first.run_id}
+    again = tracking.TrialRun.open(uri, exp, parent, "t1", "t1", {"a.b": 1}, {}, known["t1"])
     run = MlflowClient(uri).get_run(again.run_id)
     assert again.run_id == first.run_id and run.info.status == "RUNNING"
     assert not {tracking.FAILURE_TAG, tracking.STOPPED_TAG, tracking.OUTCOME_TAG} & set(run.data.tags)

@@ -49,6 +49,7 @@ class Ledger:
 
     def __init__(self, path: Path, committed_bytes: int | None = None):
         self.path = Path(path)
+        self._at: float | None = None
         self._file = open(self.path, "a+", encoding="utf-8")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -64,8 +65,17 @@ class Ledger:
         self._write({"op": "open", "pid": os.getpid()})
         self.sync()
 
+    def write_at(self, t: float, event: str, *args) -> None:
+        """Append `event` (a method of this class) as seen at time `t` (the recorder holds
+        events until the next commit; benchmarks read the pace of a study from these times)."""
+        self._at = t
+        try:
+            getattr(self, event)(*args)
+        finally:
+            self._at = None
+
     def _write(self, record: dict) -> None:
-        record["t"] = round(time.time(), 3)   # when the driver saw it (benchmarks read the pace of a study)
+        record["t"] = round(self._at or time.time(), 3)   # when the driver saw it
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def sync(self) -> int:

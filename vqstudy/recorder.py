@@ -13,6 +13,7 @@ that every trial Ray calls done has exactly one child run with its final step an
 from __future__ import annotations
 
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,14 @@ class Projector:
         self.uri, self.experiment_id, self.parent = uri, experiment_id, parent_run_id
         self.base, self.tags, self.root, self.figures_dir = base, tags, root, figures_dir
         self.runs: dict[str, tracking.TrialRun] = {}
+        self.run_ids: dict[str, str] | None = None   # trial id -> child run id, read once
 
     def started(self, trial_id: str, name: str, config: dict) -> None:
-        self.runs[trial_id] = tracking.TrialRun.open(self.uri, self.experiment_id, self.parent, trial_id, name,
-                                                     {**self.base, **config}, self.tags)
+        if self.run_ids is None:
+            self.run_ids = tracking.child_run_ids(self.uri, self.experiment_id, self.parent)
+        run = tracking.TrialRun.open(self.uri, self.experiment_id, self.parent, trial_id, name,
+                                     {**self.base, **config}, self.tags, self.run_ids.get(trial_id))
+        self.runs[trial_id], self.run_ids[trial_id] = run, run.run_id
 
     def result(self, trial_id: str, metrics: dict) -> None:
         run = self.runs[trial_id]
@@ -92,21 +97,21 @@ class Committer:
         self.ledger, self.projector, self.state_dir = ledger, projector, state_dir
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqstudy-mlflow")
         self.pending: list = []
-        self.buffer: list[tuple[str, tuple]] = []
+        self.buffer: list[tuple[float, str, tuple]] = []
         self.staging: Path | None = None   # Tune's driver staging folder (holds its state files)
 
     def record(self, event: str, *args) -> None:
         """`event` is a method of Ledger and, if MLflow shows it, of Projector."""
-        self.buffer.append((event, args))
+        self.buffer.append((time.time(), event, args))
 
     def commit(self) -> None:
         if not self.buffer or self.staging is None:
             return
         batch, self.buffer = self.buffer, []
-        for event, args in batch:
-            getattr(self.ledger, event)(*args)
+        for t, event, args in batch:
+            self.ledger.write_at(t, event, *args)
         snapshot.save(self.staging, self.state_dir, self.ledger.sync())
-        for event, args in batch:
+        for _, event, args in batch:
             if hasattr(self.projector, event):
                 self.pending.append(self.writer.submit(getattr(self.projector, event), *args))
         if len(self.pending) >= 1000:   # keep only the writes not yet done

@@ -4,8 +4,8 @@
 Only the driver writes here (recorder.py, from the study's ledger): trials report to Tune,
 so a store the worker nodes cannot reach -- the default SQLite file in the study folder --
 works on any cluster. Ray's stock MLflow callback opens a new run whenever a trial
-(re)starts, so a retried or resumed trial would appear twice; here a trial's child run is
-found by the tag `vqstudy.trial_id` and reopened. Metrics go in one `log_batch` call per
+(re)starts, so a retried or resumed trial would appear twice; here a trial's child run carries the tag
+`vqstudy.trial_id`, by which the driver finds it once and reopens it. Metrics go in one `log_batch` call per
 evaluation. A run ends with its trial's `Outcome` in the tag `vqstudy.outcome` (outcome.py
 maps it to and from MLflow's statuses).
 """
@@ -114,6 +114,11 @@ def children(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, list
     return out
 
 
+def child_run_ids(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """Trial id -> its child run's id."""
+    return {run.data.tags.get(TRIAL_TAG): run.info.run_id for run in child_runs(uri, experiment_id, parent_run_id)}
+
+
 def closed_children(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, tuple[str, int | None]]:
     """Trial id -> (outcome, last step) of the child runs that are closed."""
     return {trial: runs[0] for trial, runs in children(uri, experiment_id, parent_run_id).items()
@@ -145,14 +150,15 @@ class TrialRun:
 
     @classmethod
     def open(cls, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, run_name: str,
-             params: dict[str, Any], tags: dict[str, str]) -> "TrialRun":
+             params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> "TrialRun":
+        """Reopen `run_id` (the trial's run from an earlier attempt), else create the run.
+        The caller knows which (`child_run_ids` once per driver): a search per trial would
+        scan an experiment that grows with the study."""
         client = _client(uri)
-        found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
-                                   f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1)
-        if found:  # a retry or a resume: the earlier attempt's verdict no longer holds
-            run_id = found[0].info.run_id
+        if run_id:  # a retry or a resume: the earlier attempt's verdict no longer holds
+            found = client.get_run(run_id)
             for tag in (OUTCOME_TAG, FAILURE_TAG, STOPPED_TAG):
-                if tag in found[0].data.tags:
+                if tag in found.data.tags:
                     client.delete_tag(run_id, tag)
             client.update_run(run_id, status="RUNNING")
             history = client.get_metric_history(run_id, "step")
