@@ -112,5 +112,26 @@ def test_yaml_is_loaded_safely(tmp_path):
     """Python object tags are refused by the safe loader."""
     path = tmp_path / "evil.yaml"
     path.write_text("train: !!python/object/apply:os.system ['echo hi']\n")
-    with pytest.raises(ConfigError, match="YAML syntax error"):
+    with pytest.raises(ConfigError, match="YAML error at line 1, column 8: could not determine a constructor"):
+        TrialConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {lr: 0.1}\ntrain: {steps: 5}\n", "YAML error at line 2, column 1: duplicate key 'train'"),
+    ("train: {lr: 0.1, lr: 0.2}\n", "duplicate key 'lr'"),
+    ("train: {lr: .nan}\n", "train.lr: nan is not a finite number"),
+    ("train: {lr: .inf}\n", "train.lr: inf is not a finite number"),
+])
+def test_values_a_yaml_loader_lets_through_are_refused(tmp_path, text, message):
+    """PyYAML keeps the last of two equal keys and reads .nan/.inf as floats: both are refused."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        TrialConfig.from_yaml(path)
+
+
+def test_a_binary_file_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    with pytest.raises(ConfigError, match="not a text file"):
         TrialConfig.from_yaml(path)

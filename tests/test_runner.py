@@ -343,3 +343,35 @@ def test_a_driver_killed_before_its_first_commit_starts_again(tmp_path, ray_addr
     assert "early: 2 finished (of 2)" in printed
     _, parents, children = mlflow_runs(out, "early")
     assert len(parents) == 1 and len(children) == 2
+
+
+def _stopped_by(sig: int, args: list[str], out: Path, ray_address: str) -> subprocess.CompletedProcess:
+    """Start a driver, send it `sig` once a trial has started (committed), collect its exit."""
+    ledger = out / "ledger.jsonl"
+    seen = ledger.read_text().count('"op":"start"') if ledger.exists() else 0
+    proc = subprocess.Popen([sys.executable, "-m", "vqstudy.cli", *args, "--address", ray_address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(lambda: ledger.exists() and ledger.read_text().count('"op":"start"') > seen, 120, "a trial", poll=0.1)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_sigterm_and_sigint_interrupt_cleanly(tmp_path, ray_address):
+    """What a scheduler sends (SIGTERM) and Ctrl-C (SIGINT) stop the study cleanly: exit
+    143 / 130, one line naming `vqstudy resume DIR`, no traceback, the parent run KILLED and
+    no run left RUNNING; resume then finishes every trial once."""
+    path = tiny_study(tmp_path, name="stopped", base={"train": {"steps": 6000, "eval_every": 1000, "device": "cpu"}})
+    out = tmp_path / "out"
+    for sig, code, args in [(signal.SIGTERM, 143, ["run", str(path), "--out", str(out)]),
+                            (signal.SIGINT, 130, ["resume", str(out)])]:
+        r = _stopped_by(sig, args, out, ray_address)
+        assert r.returncode == code, r.stderr[-2000:]
+        assert f"continue with: vqstudy resume {out}" in r.stderr
+        assert "Traceback" not in r.stderr and "Tuner.restore" not in r.stderr
+        _, (parent,), children = mlflow_runs(out, "stopped")
+        assert parent.info.status == "KILLED" and all(c.info.status != "RUNNING" for c in children)
+    assert driver.resume(out, ray_address) == 0
+    _, (parent,), children = mlflow_runs(out, "stopped")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(c.info.status == "FINISHED" for c in children)

@@ -26,6 +26,7 @@ from pathlib import Path
 from . import preflight, snapshot, tracking
 from .errors import ConfigError
 from .folder import RAY_DIR, Records, StudyFolder
+from .interrupt import Interrupt, TuneWords
 from .ledger import Ledger
 from .outcome import all_ok
 from .progress import progress_callback
@@ -36,6 +37,7 @@ from .tables import format_table, outcome_summary, status_columns
 from .trainable import TrialSpec, run_trial
 
 
+TUNE_WORDS = TuneWords()
 SYNC_PERIOD_S = 5
 STATE_PERIOD_S = 2.0
 STATE_S_PER_TRIAL = 0.002
@@ -55,6 +57,7 @@ def connect(address: str | None) -> bool:
     # storage with its state: the ledger records all of it already.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    TUNE_WORDS.install()
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -150,28 +153,52 @@ def _projector(study: Study, folder: StudyFolder, records: Records) -> Projector
 def _fit(tuner_for, study: Study, folder: StudyFolder, records: Records, ledger: Ledger) -> int:
     """Run the Tuner, bring MLflow up to the ledger, audit it against Ray's final view and
     print the table; 0 if every trial finished (or was stopped early by the scheduler) and
-    the audit found its record, 1 otherwise."""
+    the audit found its record, 130/143 when SIGINT/SIGTERM stopped it, 1 otherwise.
+    Whatever ends it, no run is left RUNNING in MLflow."""
     projector = _projector(study, folder, records)
-    recorder = make_recorder(study, Committer(ledger, projector, folder.state_dir))
+    interrupt = Interrupt()
+    recorder = make_recorder(study, Committer(ledger, projector, folder.state_dir), interrupt)
     _set_state_period(study)
-    ok = False
+    status = "FAILED"
     try:
         tuner_for(recorder).fit()
         recorder.drain()
+        if interrupt.signum:
+            status = "KILLED"
+            return _interrupted(interrupt, study, folder, projector)
         prune_checkpoints(folder.storage(records))
-        project(folder.ledger_file, projector)   # whatever a failed write left out
-        rows = folder.trial_rows(study)
-        print(format_table(rows, status_columns(study, rows)))
-        problems = audit(rows, projector, folder.ray_statuses())
-        for problem in problems:
-            sys.stderr.write(f"vqstudy: audit: {problem}\n")
-        ok = all_ok([r["outcome"] for r in rows], study.num_trials) and not problems
-        print(f"\n{study.name}: {outcome_summary(rows, study.num_trials)}"
-              f"{f'; {len(problems)} missing from MLflow' if problems else ''}; study folder {folder.root}; "
-              f"MLflow {records.tracking_uri}")
+        ok = _settle(study, folder, records, projector)
+        status = "FINISHED" if ok else "FAILED"
+        return 0 if ok else 1
     finally:
-        tracking.finish_parent(records.tracking_uri, records.parent_run_id, ok)
-    return 0 if ok else 1
+        interrupt.disarm()
+        tracking.close_study(records.tracking_uri, records.experiment_id, records.parent_run_id, status)
+
+
+def _settle(study: Study, folder: StudyFolder, records: Records, projector: Projector) -> bool:
+    """Replay the ledger into MLflow, print the table, audit; True if every trial finished and
+    its record is exact."""
+    project(folder.ledger_file, projector)   # whatever a failed write left out
+    rows = folder.trial_rows(study)
+    print(format_table(rows, status_columns(study, rows)))
+    problems = audit(rows, projector, folder.ray_statuses())
+    for problem in problems:
+        sys.stderr.write(f"vqstudy: audit: {problem}\n")
+    ok = all_ok([r["outcome"] for r in rows], study.num_trials) and not problems
+    print(f"\n{study.name}: {outcome_summary(rows, study.num_trials)}"
+          f"{f'; {len(problems)} missing from MLflow' if problems else ''}; study folder {folder.root}; "
+          f"MLflow {records.tracking_uri}")
+    return ok
+
+
+def _interrupted(interrupt: Interrupt, study: Study, folder: StudyFolder, projector: Projector) -> int:
+    """Stopped by a signal: Tune saved its state with the running trials still running and
+    the recorder committed it; MLflow gets what was committed, and the user the next step."""
+    project(folder.ledger_file, projector)
+    rows = folder.trial_rows(study)
+    sys.stderr.write(f"vqstudy: {study.name}: {interrupt.name}: interrupted after "
+                     f"{outcome_summary(rows, study.num_trials)} — continue with: vqstudy resume {folder.root}\n")
+    return interrupt.exit_code
 
 
 def _prepare(study: Study, folder: StudyFolder, uri: str, storage_uri: str | None, storage: Storage) -> Records:
@@ -193,9 +220,7 @@ def run(study: Study, out_dir: Path, address: str | None = None, tracking_uri: s
         storage_uri: str | None = None) -> int:
     """Run a study into `out_dir`; 0 if every trial finished, 1 otherwise."""
     folder = StudyFolder(Path(out_dir).resolve())
-    if folder.has_run():
-        raise ConfigError(f"--out: {folder.root} already holds a study; `vqstudy resume {folder.root}` continues it, "
-                          f"or choose another --out")
+    folder.check_new()
     if study.resources.gpu > 0 and not (address or os.environ.get("RAY_ADDRESS")) and local_gpus() == 0:
         raise ConfigError(f"{study.source}: resources.gpu: {study.resources.gpu:g} asked but this machine has no GPU")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or folder.default_tracking_uri
@@ -204,8 +229,9 @@ def run(study: Study, out_dir: Path, address: str | None = None, tracking_uri: s
         else Storage(str(folder.root), RAY_DIR)
     _preflight(study, storage, uri, connect(address))
     folder.root.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(folder.ledger_file)
+    ledger = Ledger(folder.ledger_file)   # the study's lock, held until the driver exits
     try:
+        folder.check_new()   # again, holding the lock: another run may have started meanwhile
         records = _prepare(study, folder, uri, storage_uri, storage)
         return _fit(lambda recorder: _new_tuner(study, storage, recorder), study, folder, records, ledger)
     finally:
@@ -224,14 +250,15 @@ def resume(out_dir: Path, address: str | None = None) -> int:
     commit = snapshot.committed(folder.state_dir)
     ledger = Ledger(folder.ledger_file, commit.ledger_bytes if commit else None)
     try:
-        if commit is None and folder.has_trials():
+        legacy = commit is None and folder.has_trials()
+        if legacy:
             folder.check_ray_state(records)
         tracking.start_parent(records.tracking_uri, records.experiment_id, study.name, {}, {}, records.parent_run_id)
         _preflight(study, storage, records.tracking_uri, connect(address))
         project(folder.ledger_file, _projector(study, folder, records))   # what a killed driver did not write
         if commit is not None:
             snapshot.restore(commit, folder.state_dir, storage)
-        elif not folder.has_trials():
+        elif not legacy:
             print(f"{study.name}: nothing was committed before the driver stopped; starting the study again")
             clear(storage)
             return _fit(lambda recorder: _new_tuner(study, storage, recorder), study, folder, records, ledger)

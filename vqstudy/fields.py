@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from pathlib import Path
@@ -98,6 +99,8 @@ def coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     meta = f.metadata
     many = isinstance(value, tuple)
     for v in value if many else (value,):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{where}: {v!r} is not a finite number")
         if meta.get("choices") and v not in meta["choices"]:
             raise ConfigError(f"{where}: {v!r} is not one of {', '.join(meta['choices'])}")
         _check_range(v, meta, where, "every value " if many else "")
@@ -182,20 +185,38 @@ def parse_assignments(assignments: list[str], source: str = "--set") -> dict[str
     return flat
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently: a study whose `grid` is written twice would sweep only the second)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Safe-load a YAML mapping; a missing file or a syntax error becomes a one-line ConfigError."""
+    """Safe-load a YAML mapping; a missing or unreadable file, a syntax error or a key given
+    twice becomes a one-line ConfigError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected YAML)") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+        kind = "YAML error" if isinstance(e, yaml.constructor.ConstructorError) else "YAML syntax error"
+        raise ConfigError(f"{path}: {kind}{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

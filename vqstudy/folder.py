@@ -87,6 +87,17 @@ class StudyFolder:
         """A study has been started here (its records or Ray's folder exist)."""
         return self.ray_dir.exists() or (self.root / RECORDS_FILE).exists()
 
+    def check_new(self) -> None:
+        """Refuse a --out that would overwrite anything: a file, a study already started
+        there, or a folder holding anything else (a study file with comments, say)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"--out: {self.root} is a file; give a folder (new or empty)")
+        if self.has_run():
+            raise ConfigError(f"--out: {self.root} already holds a study; `vqstudy resume {self.root}` continues it, "
+                              f"or choose another --out")
+        if self.root.is_dir() and any(p.name != self.ledger_file.name for p in self.root.iterdir()):
+            raise ConfigError(f"--out: {self.root} is not empty and holds no study; give a new or empty folder")
+
     def has_trials(self) -> bool:
         """The ledger speaks of at least one trial."""
         from .ledger import replay

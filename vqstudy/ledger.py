@@ -56,7 +56,7 @@ class Ledger:
         except BlockingIOError:
             self._file.close()
             raise ConfigError(f"{self.path}: another vqstudy driver is writing this study "
-                              f"(pid {_holder(self.path)}); wait for it or stop it") from None
+                              f"({_holder(self.path)}); wait for it or stop it") from None
         if committed_bytes is not None:
             _roll_back(self.path, self._file, committed_bytes)
         self._file.seek(0, os.SEEK_END)
@@ -134,11 +134,12 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 def _holder(path: Path) -> str:
-    """The pid of the last driver that opened the ledger (its 'open' record)."""
+    """'pid N, started TIME' of the last driver that opened the ledger (its 'open' record)."""
     for record in reversed(_lines(path)):
         if record.get("op") == "open":
-            return str(record.get("pid"))
-    return "unknown"
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("t", 0)))
+            return f"pid {record.get('pid')}, started {started}"
+    return "pid unknown"
 
 
 def _lines(path: Path) -> list[dict]:

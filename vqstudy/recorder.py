@@ -1,14 +1,16 @@
 """The driver's record keeping: Tune's events -> the ledger -> MLflow.
 
 Trials never talk to the tracking store: they report to Tune, and on the driver the
-`Recorder` callback hands each event to the `Committer`, which appends it to the study's
-ledger (ledger.py) each time Tune has saved its state, commits both (snapshot.py), and then
-queues it for MLflow on one writer thread, so the driver's loop never waits on the store. This is what makes the default SQLite store work on a cluster whose nodes
-do not share the driver's disk, and what keeps MLflow exact: `project()` replays the ledger
-into MLflow idempotently (steps already logged are skipped, runs already closed with the
-same outcome are left alone), at the start of a resume and at the end of every run, so a
-driver killed between an event and its MLflow write loses nothing. `audit()` then checks
-that every trial Ray calls done has exactly one child run with its final step and outcome.
+`Recorder` callback hands each event to the `Committer`, which appends the events to the
+study's ledger (ledger.py) each time Tune has saved its state, commits both (snapshot.py),
+and then queues them for MLflow on one writer thread, so the driver's loop never waits on
+the store. This is what makes the default SQLite store work on a cluster whose nodes do not
+share the driver's disk, and what keeps MLflow exact: `project()` replays the ledger into
+MLflow idempotently (steps already logged are skipped, runs already closed with the same
+outcome are left alone), at the start of a resume and at the end of every run, so a driver
+killed between a commit and its MLflow writes loses nothing. `audit()` then checks Ray's
+committed statuses against the ledger, and the ledger against MLflow: exactly one child run
+per ended trial, with its final step and outcome.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .ledger import Ledger, TrialRecord, replay
 from .outcome import Outcome, from_ray
 from .study import Study
 from .trainable import FIGURES_DIR, unpack
+
 
 class Projector:
     """Writes ledger records into MLflow, idempotently; one thread calls it (the writer)."""
@@ -128,7 +131,7 @@ class Committer:
         self.pending.clear()
 
 
-def make_recorder(study: Study, committer: Committer):
+def make_recorder(study: Study, committer: Committer, interrupt=None):
     """The Tune Callback for this driver (defined here: subclassing needs Ray). Tune pickles
     its callbacks with the experiment; this one pickles as a handle (`_live`), so a resumed
     experiment records through the new driver's committer."""
@@ -141,6 +144,14 @@ def make_recorder(study: Study, committer: Committer):
 
         def __reduce__(self):
             return _live, ()
+
+        def setup(self, **info):
+            """Tune has put its SIGINT handler in place: route SIGTERM to it too (interrupt.py)."""
+            if interrupt is not None:
+                try:
+                    interrupt.arm()
+                except ValueError:   # not the main thread: signals stay as they are
+                    pass
 
         def get_state(self):
             """Tune calls this right after saving its experiment state in the staging folder,

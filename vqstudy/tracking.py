@@ -87,9 +87,15 @@ def _terminate(client, run_id: str, outcome: Outcome, reason: str | None = None)
     client.set_terminated(run_id, status=mlflow_status(outcome))
 
 
-def finish_parent(uri: str, run_id: str, ok: bool) -> None:
-    """The study's parent run: FINISHED when every trial finished, FAILED otherwise."""
-    _client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+def close_study(uri: str, experiment_id: str, parent_run_id: str, status: str) -> None:
+    """End the parent run with `status` (FINISHED: every trial finished; KILLED: interrupted;
+    FAILED: otherwise) and every child run still RUNNING as KILLED (not finished; a resume
+    reopens it), so that a driver that exits leaves no run RUNNING."""
+    client = _client(uri)
+    for run in child_runs(uri, experiment_id, parent_run_id):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+    client.set_terminated(parent_run_id, status=status)
 
 
 def child_runs(uri: str, experiment_id: str, parent_run_id: str | None):
