@@ -87,6 +87,10 @@ def test_diverging_trial_fails_alone(tmp_path, capsys):
     assert status["1000000.0"].info.status == "FAILED"
     assert status["1000000.0"].data.tags["vqstudy.outcome"] == "diverged"
     assert status["1000000.0"].data.tags["vqstudy.failure"].startswith("loss became")
+    assert main(["export", str(out)]) == 0   # the reason and the last step reached reach the table
+    rows = {r["train.lr"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+    assert rows[1e6]["status"] == "diverged" and rows[1e6]["failure_reason"].startswith("loss became")
+    assert rows[1e6]["steps"] >= 1 and rows[1e-3]["failure_reason"] is None
 
 
 def test_optuna_search_per_grid_point(tmp_path):

@@ -14,6 +14,7 @@ naming the problem and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -185,6 +186,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if sum(map(bool, (args.dir, args.run, args.experiment))) != 1:
         raise ConfigError("export: give one of a study folder, --run PARENT_RUN_ID or --experiment NAME")
+    if args.output and Path(args.output).is_dir():
+        raise ConfigError(f"-o: {args.output} is a folder; give a file name (e.g. {Path(args.output) / 'results.parquet'})")
     if args.dir:
         table = export_study(Path(args.dir), Path(args.output) if args.output else None)
         where = args.output or StudyFolder(args.dir).results_file
@@ -266,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\nvqstudy: interrupted\n")
         return 130
+    except OSError as e:   # a full disk, a read-only mount: what failed where, in one line
+        where = f"{e.filename}: " if e.filename else ""
+        code = f" [{errno.errorcode.get(e.errno, e.errno)}]" if e.errno else ""
+        sys.stderr.write(f"vqstudy: error: {where}{e.strerror or e}{code}\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .fields import load_yaml
 from .catalogue import HEADLINE
 from .errors import ConfigError
 from .outcome import Outcome
@@ -37,13 +39,16 @@ STUDY_FILE = "study.yaml"
 
 @dataclass
 class Records:
-    """Where a study's records are (vqstudy.json)."""
-    tracking_uri: str
+    """Where a study's records are (vqstudy.json). Relative to the folder wherever it can be:
+    the default store is written as `null` ("the mlflow.db beside me"), so a folder that is
+    moved or copied keeps working, and a copy never writes into the original's store."""
+    tracking_uri: str | None          # None on disk: this folder's mlflow.db (resolved on load)
     experiment_id: str
     parent_run_id: str
     study_path: str | None = None     # the study file it was started from (for its git commit)
     storage: str | None = None        # --storage URI holding Ray's state; None: this folder
     experiment_dir: str = RAY_DIR     # Ray's experiment folder inside the storage
+    root: str | None = None           # where the folder was when these were written (relocation)
 
 
 class StudyFolder:
@@ -120,7 +125,28 @@ class StudyFolder:
         (self.root / STUDY_FILE).write_text(yaml.safe_dump(study.to_raw(), sort_keys=False))
 
     def write_records(self, records: Records) -> None:
-        (self.root / RECORDS_FILE).write_text(json.dumps(dataclasses.asdict(records), indent=2))
+        """Write vqstudy.json temp-then-rename, the default store as null."""
+        raw = dataclasses.asdict(records)
+        if records.tracking_uri == self.default_tracking_uri:
+            raw["tracking_uri"] = None
+        raw["root"] = str(self.root.resolve())
+        tmp = self.root / f".{RECORDS_FILE}.tmp"
+        tmp.write_text(json.dumps(raw, indent=2))
+        os.replace(tmp, self.root / RECORDS_FILE)
+
+    def relocate(self, records: Records) -> None:
+        """After a move or copy: point the default store's artifact locations at this folder
+        (MLflow keeps them absolute), and note where the folder now is. Commands that write
+        to MLflow call this first; reading needs nothing."""
+        here = str(self.root.resolve())
+        if records.root in (None, here):
+            return
+        if records.tracking_uri == self.default_tracking_uri:
+            from .tracking import relocate_artifacts
+
+            relocate_artifacts(self.root / "mlflow.db", Path(records.root) / "mlartifacts", self.artifact_root)
+        records.root = here
+        self.write_records(records)
 
     def load(self) -> tuple[Study, Records]:
         """The stored study and records (ConfigError if this is not a study folder)."""
@@ -129,11 +155,23 @@ class StudyFolder:
         if not (self.root / RECORDS_FILE).exists() or not (self.root / STUDY_FILE).exists():
             raise ConfigError(f"{self.root}: not a study folder (no {RECORDS_FILE}; "
                               f"`vqstudy run STUDY.yaml --out DIR` makes one)")
-        records = Records(**json.loads((self.root / RECORDS_FILE).read_text()))
-        study = parse_study(yaml.safe_load((self.root / STUDY_FILE).read_text()), self.root / STUDY_FILE)
+        records = self._read_records()
+        study = parse_study(load_yaml(self.root / STUDY_FILE), self.root / STUDY_FILE)
         if records.study_path:
             study.path = Path(records.study_path)
         return study, records
+
+    def _read_records(self) -> Records:
+        path = self.root / RECORDS_FILE
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            records = Records(**raw)
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+            raise ConfigError(f"{path}: unreadable or not vqstudy's ({type(e).__name__}: {str(e).splitlines()[0]})"
+                              ) from None
+        if records.tracking_uri is None or _moved_default(records, self):
+            records.tracking_uri = self.default_tracking_uri
+        return records
 
     def check_ray_state(self, records: Records) -> None:
         """Refuse a Ray experiment state that cannot resume this study exactly, naming it:
@@ -174,6 +212,15 @@ class StudyFolder:
                          "failures": t.failures, **t.config,
                          **{k: last[k] for k in ("step", *HEADLINE) if k in last}})
         return rows
+
+
+def _moved_default(records: Records, folder: StudyFolder) -> bool:
+    """A folder written before the default store was recorded as null: its absolute URI
+    names the mlflow.db of the folder's old place."""
+    uri = records.tracking_uri or ""
+    return (uri.startswith("sqlite:///") and uri.endswith("/mlflow.db")
+            and uri != folder.default_tracking_uri and (folder.root / "mlflow.db").exists()
+            and Path(uri.removeprefix("sqlite:///")).parent.name == folder.root.name)
 
 
 def _grid_order(study: Study):

@@ -12,6 +12,7 @@ about `TIMEOUT_S` seconds: exit code 2, before any compute is spent.
 from __future__ import annotations
 
 import uuid
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .storage import Storage, clean_probes, probe, probe_seen
@@ -70,8 +71,28 @@ def check_storage(storage: Storage, nodes: list[dict]) -> None:
         clean_probes(storage)
 
 
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
+def check_tracking_uri(uri: str) -> str:
+    """A tracking URI as it may be recorded: a scheme MLflow serves, and no password in it
+    (vqstudy.json is an ordinary file; a server reads MLFLOW_TRACKING_USERNAME/PASSWORD, a
+    database PGPASSWORD or ~/.pgpass, from the environment)."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0]
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"--tracking-uri: {uri.split('@')[-1]!r} is not an MLflow tracking URI "
+                          f"(schemes: {', '.join(TRACKING_SCHEMES)})")
+    if parts.password:
+        raise ConfigError(f"--tracking-uri: {uri.split('@')[-1]!r} carries a password; give it in the environment "
+                          f"instead (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for a server, "
+                          f"PGPASSWORD for PostgreSQL)")
+    return uri
+
+
 def check_tracking(uri: str) -> None:
     """A tracking server must answer the driver before trials start (SQLite files need no check)."""
+    check_tracking_uri(uri)
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error

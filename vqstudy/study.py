@@ -11,6 +11,7 @@ combine per grid point: each (point, seed) gets its own search (see search.py).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -224,6 +225,9 @@ def _parse_sweep(raw: dict, src: str) -> dict[str, Any]:
             "scheduler": _parse_scheduler(raw.get("scheduler"), src), "sweep": settings}
 
 
+MAX_POINTS = 100_000   # trials per study: 20x the size the scale bench measures
+
+
 def parse_study(raw: Any, path: Path | None = None, overrides: dict[str, Any] | None = None) -> Study:
     """Validate a loaded study mapping; `overrides` (dotted keys) apply to `base`."""
     src = str(path) if path else "study"
@@ -265,8 +269,22 @@ def _check_cross_rules(study: Study, src: str) -> None:
     if study.scheduler.single_metric and study.multi_objective:
         raise ConfigError(f"{src}: sweep.scheduler: {name_of(study.scheduler)} stops trials on one metric; "
                           f"give a single sweep.metric")
+    _check_grid_size(study, src)
     for point in study.points():  # every grid combination must be a valid trial
-        study.trial_config(point)
+        cfg = study.trial_config(point)
+        if cfg.train.device.startswith("cuda") and gpu == 0:
+            raise ConfigError(f"{src}: train.device: {cfg.train.device} but resources.gpu is 0 (a trial sees no GPU "
+                              f"it was not given); set resources.gpu, or train.device: auto")
+
+
+def _check_grid_size(study: Study, src: str) -> None:
+    """A grid too large to run is said by its size, before it is expanded."""
+    sizes = [len(v) for v in study.grid.values()] + [study.sweep.repeats]
+    points = math.prod(sizes)
+    if points > MAX_POINTS:
+        shape = " x ".join(f"{n:,}" for n in sizes)
+        raise ConfigError(f"{src}: sweep.grid: {points:,} points ({shape}, repeats last); a study holds at most "
+                          f"{MAX_POINTS:,}: split it into several studies")
 
 
 def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Study:

@@ -68,6 +68,28 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def relocate_artifacts(db: Path, old: Path, new: Path) -> None:
+    """Point a moved SQLite store's artifact locations (experiments and runs; MLflow keeps
+    them as absolute file URIs) from `old` to `new`: without this, a moved folder's artifacts
+    are not found and a copied one would write into the original's folder."""
+    import sqlite3
+
+    before, after = old.as_uri(), new.resolve().as_uri()
+    conn = sqlite3.connect(db)
+    try:
+        with conn:   # one transaction
+            for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+                conn.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} = ? "
+                             f"OR {column} LIKE ? ESCAPE '\\'",
+                             (after, len(before) + 1, before, _like_prefix(before + "/")))
+    finally:
+        conn.close()
+
+
+def _like_prefix(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 def start_parent(uri: str, experiment_id: str, run_name: str, tags: dict[str, str], params: dict[str, Any],
                  run_id: str | None = None) -> str:
     """The study's parent run: created once, reopened (RUNNING again) by a resume."""

@@ -123,6 +123,7 @@ def analyze(out_dir: Path, *, threshold: float = 0.5, n_boot: int = 200) -> list
 
     folder = StudyFolder(out_dir)
     study, records = folder.load()
+    folder.relocate(records)   # its report goes to MLflow: into this folder's store
     df = export_study(out_dir, records=records).to_pandas()
     used = df[df["status"] == Outcome.FINISHED.value]
     if used.empty:

@@ -3,7 +3,8 @@
 One row per trial: the flattened config under its dotted keys (typed as the config types
 them), the final metrics (every entry of the metrics catalogue, typed as it says), and
 `study`, `trial_id`, `status` (the trial's Outcome: finished, stopped_early, diverged,
-failed, not_finished), `stopped_early_at_step`, `mlflow_run_id`, `runtime_s`, `steps`.
+failed, not_finished), `failure_reason` (why it failed or diverged), `stopped_early_at_step`,
+`mlflow_run_id`, `runtime_s`, `steps` (the last step reached).
 
 MLflow is the record (it also holds trials of a remote study), but its `search_runs`
 builds a Python object per run, param, metric and tag. For an SQLite store the table is
@@ -23,12 +24,12 @@ from ..catalogue import METRICS
 from ..config import all_keys, coerce, key_type
 from ..errors import ConfigError
 from ..outcome import from_mlflow
-from ..tracking import OUTCOME_TAG, PARENT_TAG, STOPPED_TAG, STUDY_TAG, TRIAL_TAG, child_runs
+from ..tracking import FAILURE_TAG, OUTCOME_TAG, PARENT_TAG, STOPPED_TAG, STUDY_TAG, TRIAL_TAG, child_runs
 
 METRIC_COLUMNS = {name: pa.type_for_alias(m.dtype) for name, m in METRICS.items()}
 RECORD_COLUMNS = {
-    "study": pa.string(), "trial_id": pa.string(), "status": pa.string(), "stopped_early_at_step": pa.int64(), "mlflow_run_id": pa.string(), "runtime_s": pa.float64(),
-    "steps": pa.int64(),
+    "study": pa.string(), "trial_id": pa.string(), "status": pa.string(), "failure_reason": pa.string(),
+    "stopped_early_at_step": pa.int64(), "mlflow_run_id": pa.string(), "runtime_s": pa.float64(), "steps": pa.int64(),
 }
 _ARROW = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string(),
           tuple[int, ...]: pa.list_(pa.int64())}
@@ -111,6 +112,7 @@ def to_table(runs: list[dict[str, Any]]) -> pa.Table:
         columns["study"].append(tags.get(STUDY_TAG))
         columns["trial_id"].append(tags.get(TRIAL_TAG))
         columns["status"].append(from_mlflow(run["status"], tags.get(OUTCOME_TAG)).value)
+        columns["failure_reason"].append(tags.get(FAILURE_TAG))
         columns["stopped_early_at_step"].append(int(stopped) if stopped else None)
         columns["mlflow_run_id"].append(run["run_id"])
         columns["runtime_s"].append((run["end"] - run["start"]) / 1000 if run["end"] and run["start"] else None)
