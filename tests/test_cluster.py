@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
+from vqstudy.folder import StudyFolder
+
 from .conftest import tiny_study
 
 pytestmark = pytest.mark.slow
@@ -167,8 +169,8 @@ def test_study_runs_on_a_node_without_the_driver_disk(tmp_path, cluster, s3):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "nodisk: 4 finished (of 4)" in r.stdout and "audit" not in r.stderr
     records = json.loads((out / "vqstudy.json").read_text())
-    assert records["storage"] == s3 and records["tracking_uri"].startswith("sqlite:///")
-    client = MlflowClient(records["tracking_uri"])
+    assert records["storage"] == s3 and records["tracking_uri"] is None   # the mlflow.db beside vqstudy.json
+    client = MlflowClient(StudyFolder(out).load()[1].tracking_uri)
     children = client.search_runs([records["experiment_id"]], filter_string="tags.`mlflow.parentRunId` != ''")
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     assert all(c.data.metrics["step"] == 30 for c in children)
@@ -338,7 +340,7 @@ def test_killed_driver_resumes_on_the_cluster(tmp_path, cluster, s3):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "killed: 6 finished (of 6)" in r.stdout and "audit" not in r.stderr
     records = json.loads((out / "vqstudy.json").read_text())
-    client = MlflowClient(records["tracking_uri"])
+    client = MlflowClient(StudyFolder(out).load()[1].tracking_uri)
     children = client.search_runs([records["experiment_id"]], filter_string="tags.`mlflow.parentRunId` != ''")
     assert len(children) == 6 and len({c.data.tags["vqstudy.trial_id"] for c in children}) == 6
     for child in children:
@@ -369,7 +371,7 @@ def test_a_lost_worker_node_is_survived(tmp_path, cluster, s3):
     assert driver.returncode == 0, stderr[-3000:]
     assert "nodeloss: 2 finished (of 2)" in stdout and "failures" in stdout   # the table shows the retries
     records = json.loads((out / "vqstudy.json").read_text())
-    client = MlflowClient(records["tracking_uri"])
+    client = MlflowClient(StudyFolder(out).load()[1].tracking_uri)
     children = client.search_runs([records["experiment_id"]], filter_string="tags.`mlflow.parentRunId` != ''")
     assert len(children) == 2 and all("vqstudy.restored_at_step" in c.data.tags for c in children)
     for child in children:

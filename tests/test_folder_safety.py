@@ -123,3 +123,38 @@ def test_export_to_a_folder_is_one_line(tmp_path, capsys):
     code = main(["export", "--run", "x", "--tracking-uri", StudyFolder(tmp_path).default_tracking_uri,
                  "-o", str(tmp_path / "outdir")])
     assert code == 2 and "is a folder; give a file name" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_study_resumes(tmp_path, ray_address):
+    """The study folder on a small tmpfs that fills up mid-study: exit 1, lines naming the
+    full device and no traceback; once there is room, resume finishes every trial and closes
+    every run (on the full disk the store itself could not close them)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(DISK_MB * 1024)}k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs `mount -t tmpfs` (root) to make a small disk")
+    try:
+        path = tiny_study(tmp_path, name="full", tracking={"artifacts": True},
+                          sweep={"grid": {"quantizer.codebook_size": [8, 16, 32, 64, 128, 256, 512, 1024]}},
+                          base={"train": {"steps": 100, "eval_every": 50, "device": "cpu"}})
+        out = disk / "out"
+        cli = [sys.executable, "-m", "vqstudy.cli"]
+        r = subprocess.run([*cli, "run", str(path), "--out", str(out), "--address", ray_address],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1, r.stderr[-2000:]
+        assert "No space left on device" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+        subprocess.run(["mount", "-o", "remount,size=400m", str(disk)], check=True)
+        r = subprocess.run([*cli, "resume", str(out), "--address", ray_address], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "full: 8 finished (of 8)" in r.stdout
+        client = MlflowClient(StudyFolder(out).load()[1].tracking_uri)
+        runs = client.search_runs([client.get_experiment_by_name("full").experiment_id])
+        assert len(runs) == 9 and all(run.info.status == "FINISHED" for run in runs)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+DISK_MB = 1.5

@@ -30,8 +30,7 @@ pytestmark = [pytest.mark.usefixtures("ray_address"), pytest.mark.slow]
 
 def mlflow_runs(out_dir, experiment: str):
     """(parent runs, child runs) of a study folder's MLflow store."""
-    state = json.loads((out_dir / RECORDS_FILE).read_text())
-    client = MlflowClient(state["tracking_uri"])
+    client = MlflowClient(StudyFolder(out_dir).load()[1].tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -361,7 +360,7 @@ def _stopped_by(sig: int, args: list[str], out: Path, ray_address: str) -> subpr
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def test_sigterm_and_sigint_interrupt_cleanly(tmp_path, ray_address):
+def test_sigterm_and_sigint_interrupt_cleanly(tmp_path, ray_address, capsys):
     """What a scheduler sends (SIGTERM) and Ctrl-C (SIGINT) stop the study cleanly: exit
     143 / 130, one line naming `vqstudy resume DIR`, no traceback, the parent run KILLED and
     no run left RUNNING; resume then finishes every trial once."""
@@ -375,7 +374,10 @@ def test_sigterm_and_sigint_interrupt_cleanly(tmp_path, ray_address):
         assert "Traceback" not in r.stderr and "Tuner.restore" not in r.stderr
         _, (parent,), children = mlflow_runs(out, "stopped")
         assert parent.info.status == "KILLED" and all(c.info.status != "RUNNING" for c in children)
+    capsys.readouterr()
     assert driver.resume(out, ray_address) == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert progress and progress[-1].startswith("[2/2]") and "utilization=" in progress[-1]   # counts across resumes
     _, (parent,), children = mlflow_runs(out, "stopped")
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert all(c.info.status == "FINISHED" for c in children)

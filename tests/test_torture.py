@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from vqstudy.cli import main
-from vqstudy.folder import RECORDS_FILE
+from vqstudy.folder import RECORDS_FILE, StudyFolder
 from vqstudy.ledger import replay
 
 from .conftest import tiny_study
@@ -75,7 +75,7 @@ def test_twenty_sigkills_leave_exact_records(tmp_path, ray_address, capsys):
     assert _ended_then_started(out / "ledger.jsonl") == []
     assert any(t.restored_at for t in trials.values()), "no trial was resumed from a checkpoint"
 
-    uri = json.loads((out / RECORDS_FILE).read_text())["tracking_uri"]
+    uri = StudyFolder(out).load()[1].tracking_uri
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("torture")
     children = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]

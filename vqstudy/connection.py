@@ -1,13 +1,11 @@
-"""Joining a Ray cluster, or starting a local instance: the only place that calls ray.init."""
+"""Joining a Ray cluster, or starting a local instance (the only place that calls ray.init),
+and what Ray, Tune and MLflow may print on the driver."""
 from __future__ import annotations
 
 import logging
 import os
 
 from .errors import ConfigError
-from .interrupt import TuneWords
-
-TUNE_WORDS = TuneWords()
 
 
 def connect(address: str | None) -> bool:
@@ -24,7 +22,10 @@ def connect(address: str | None) -> bool:
     # storage with its state: the ledger records all of it already.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    TUNE_WORDS.install()
+    DRIVER_LOGS.install()
+    # a failed trial's error is Tune's to handle (and the ledger's to record): Ray need not
+    # print the worker's traceback again as "unhandled"
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -63,3 +64,44 @@ def local_gpus() -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+class DriverLogs:
+    """A logging filter on the driver: drops what Tune tells a user of Tune where vqstudy says
+    it itself -- at a stop signal (how to stop, `Tuner.restore(...)`, "Trials did not
+    complete": the driver names `vqstudy resume DIR`), that trials have no result.json (the
+    ledger has their results; Tune's per-trial files are off) -- and turns a logged error with
+    a traceback (a trial's failure, a database error of MLflow's) into one line ending with
+    its root cause: the trial's reason is recorded with the trial, the store's is said again
+    where the driver gives up."""
+    DROPPED = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete",
+               "Failed to fetch metrics")
+    LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis", "ray.tune.execution.tune_controller",
+               "mlflow.store.db.utils")
+
+    def filter(self, record) -> bool:
+        message = str(record.msg)
+        if record.exc_info and record.exc_info[1] is not None:
+            first = record.getMessage().strip().splitlines()[0]
+            record.msg = f"{first} {root_cause(record.exc_info[1])[:300]}"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return not message.startswith(self.DROPPED)
+
+    def install(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)   # once: adding the same filter again is a no-op
+
+
+def root_cause(error: BaseException) -> str:
+    """The first line of the innermost exception behind `error` (SQLAlchemy and MLflow wrap
+    the database's own words, e.g. "database or disk is full")."""
+    while True:
+        inner = getattr(error, "orig", None) or error.__cause__ or error.__context__
+        if inner is None or inner is error:
+            break
+        error = inner
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
+DRIVER_LOGS = DriverLogs()

@@ -26,7 +26,7 @@ from pathlib import Path
 from . import preflight, snapshot, tracking
 from .errors import ConfigError
 from .folder import RAY_DIR, Records, StudyFolder
-from .connection import connect, local_gpus
+from .connection import connect, local_gpus, root_cause
 from .interrupt import Interrupt
 from .ledger import Ledger
 from .outcome import all_ok
@@ -82,7 +82,8 @@ def _close_study(records: Records, status: str) -> None:
     try:
         tracking.close_study(records.tracking_uri, records.experiment_id, records.parent_run_id, status)
     except Exception as e:
-        sys.stderr.write(f"vqstudy: could not close the study's MLflow runs: {str(e).splitlines()[0]}\n")
+        sys.stderr.write(f"vqstudy: could not close the study's MLflow runs ({root_cause(e)}); "
+                         f"`vqstudy resume` closes them once the store takes writes again\n")
 
 
 def _settle(study: Study, folder: StudyFolder, records: Records, projector: Projector) -> bool:

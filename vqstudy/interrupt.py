@@ -11,7 +11,6 @@ interrupted and exit 130 or 143 like a shell does.
 """
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 
@@ -55,20 +54,3 @@ class Interrupt:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             self.armed = False
-
-
-class TuneWords:
-    """A logging filter dropping what Tune tells a user of Tune where vqstudy says it itself:
-    at a stop signal (how to stop, `Tuner.restore(...)`, "Trials did not complete": the
-    driver names `vqstudy resume DIR`), and that trials have no result.json (the ledger
-    records their results; Tune's per-trial files are off)."""
-    DROPPED = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete",
-               "Failed to fetch metrics")
-    LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
-
-    def filter(self, record) -> bool:
-        return not str(record.msg).startswith(self.DROPPED)
-
-    def install(self) -> None:
-        for name in self.LOGGERS:
-            logging.getLogger(name).addFilter(self)   # once: adding the same filter again is a no-op
