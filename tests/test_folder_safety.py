@@ -158,3 +158,18 @@ def test_a_full_disk_is_one_line_and_the_study_resumes(tmp_path, ray_address):
 
 
 DISK_MB = 1.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sections, message", [
+    ({"base": {"quantizer": {"codebook_size": 2 ** 40}}}, "quantizer.codebook_size: 1,099,511,627,776 codes x 4 dims"),
+    ({"base": {"data": {"name": "mnist", "root": "no/such/folder"}, "model": {"latent_dim": 4}}},
+     "data.root: no folder 'no/such/folder' for data.name mnist"),
+    ({"base": {"data": {"name": "imagefolder", "root": "/no/images"}}}, "data.root: no folder '/no/images'"),
+])
+def test_trials_that_cannot_run_here_are_refused_before_any_starts(tmp_path, ray_address, capsys, sections, message):
+    """A codebook no node's memory holds, a dataset folder that is not there: one line, exit 2,
+    no trial started (they used to fail three times each inside Ray)."""
+    path = tiny_study(tmp_path, name="cannot", **sections)
+    assert message in _refused(["run", str(path), "--out", str(tmp_path / "out")], capsys)
+    assert not (tmp_path / "out").exists()

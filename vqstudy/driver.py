@@ -41,7 +41,10 @@ from .tuner import new_tuner, restored_tuner, set_state_period
 
 def _preflight(study: Study, storage: Storage, tracking_uri: str, own_instance: bool) -> None:
     nodes = preflight.trial_nodes(study)
+    preflight.check_memory(study, nodes)
     preflight.check_tracking(tracking_uri)
+    if own_instance:
+        preflight.check_data_roots(study)
     if not own_instance or not storage.is_local:   # one machine sees its own disk
         preflight.check_storage(storage, nodes)
 

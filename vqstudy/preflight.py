@@ -74,6 +74,52 @@ def check_storage(storage: Storage, nodes: list[dict]) -> None:
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 
 
+def trial_bytes(cfg) -> tuple[int, int]:
+    """(a floor of one trial's memory in bytes, the vectors in its largest batch): the codebook
+    with its gradient and Adam's two moments (4 x K x D floats) and the distances between a
+    batch's vectors and every code with what backprop keeps of them (3 x N x K floats). Only
+    a floor; what it catches is a K or a batch no machine holds (K = 2**40)."""
+    from .registry import DATASETS
+
+    k, d = cfg.quantizer.codebook_size, cfg.model.latent_dim
+    image = DATASETS.entry(cfg.data.name).modality == "image"
+    tokens = max(1, cfg.data.image_size // 2 ** cfg.model.downsample) ** 2 if image else 1
+    n = max(cfg.train.batch_size, cfg.train.eval_batch_size) * tokens
+    return 4 * (4 * k * d + 3 * n * k), n
+
+
+def check_memory(study: Study, nodes: list[dict]) -> None:
+    """Refuse a trial whose memory floor is beyond the largest node's memory (Ray's count)."""
+    memory = max(n["Resources"].get("memory", 0) for n in nodes)
+    if not memory:
+        return
+    for cfg in study.trial_configs():
+        need, n = trial_bytes(cfg)
+        if need > memory:
+            raise ConfigError(f"{study.source}: quantizer.codebook_size: {cfg.quantizer.codebook_size:,} codes x "
+                              f"{cfg.model.latent_dim} dims with batches of {n:,} vectors need at least "
+                              f"{need / 2**30:,.1f} GiB per trial; the largest node has {memory / 2**30:,.1f} GiB")
+
+
+def check_data_roots(study: Study) -> None:
+    """On one machine, every data.root a trial will read exists (the trials would otherwise
+    fail inside Ray, three times each). A relative root is the driver's working directory's
+    (as trainable.py resolves it). Not on a cluster: there the data lives on the nodes."""
+    from pathlib import Path
+
+    from .registry import DATASETS
+
+    seen = set()
+    for cfg in study.trial_configs():
+        data = cfg.data
+        if (data.name, data.root) in seen or not DATASETS.entry(data.name).reads_root or data.download:
+            continue
+        seen.add((data.name, data.root))
+        if not Path(data.root).expanduser().is_dir():
+            raise ConfigError(f"{study.source}: data.root: no folder {data.root!r} for data.name {data.name} "
+                              f"(give the folder holding it{'' if data.name == 'imagefolder' else ', or set data.download: true'})")
+
+
 def check_tracking_uri(uri: str) -> str:
     """A tracking URI as it may be recorded: a scheme MLflow serves, and no password in it
     (vqstudy.json is an ordinary file; a server reads MLFLOW_TRACKING_USERNAME/PASSWORD, a

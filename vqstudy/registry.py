@@ -36,6 +36,7 @@ class QuantizerEntry:
 class DatasetEntry:
     path: str
     modality: str
+    reads_root: bool = False     # reads files under data.root (checked before Ray on one machine)
 
 
 class Registry(Mapping):
@@ -78,8 +79,8 @@ DATASETS = Registry({
     "gaussian_mixture": DatasetEntry("vqstudy.data:gaussian_mixture", "vector"),
     "shapes": DatasetEntry("vqstudy.data:shapes", "image"),
     "digits": DatasetEntry("vqstudy.data:digits", "image"),
-    "mnist": DatasetEntry("vqstudy.data:mnist", "image"),
-    "fashion_mnist": DatasetEntry("vqstudy.data:fashion_mnist", "image"),
-    "cifar10": DatasetEntry("vqstudy.data:cifar10", "image"),
-    "imagefolder": DatasetEntry("vqstudy.data:imagefolder", "image"),
+    "mnist": DatasetEntry("vqstudy.data:mnist", "image", reads_root=True),
+    "fashion_mnist": DatasetEntry("vqstudy.data:fashion_mnist", "image", reads_root=True),
+    "cifar10": DatasetEntry("vqstudy.data:cifar10", "image", reads_root=True),
+    "imagefolder": DatasetEntry("vqstudy.data:imagefolder", "image", reads_root=True),
 })

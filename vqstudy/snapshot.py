@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ConfigError
 from .storage import Storage
 
 COMMITTED = "committed.json"
@@ -62,8 +63,11 @@ def committed(state_dir: Path) -> Commit | None:
     path = Path(state_dir) / COMMITTED
     if not path.exists():
         return None
-    raw = json.loads(path.read_text())
-    return Commit(raw["generation"], raw["ledger_bytes"], tuple(raw["files"]))
+    try:   # written temp-then-rename: unreadable only if something else damaged it
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return Commit(raw["generation"], int(raw["ledger_bytes"]), tuple(raw["files"]))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: unreadable ({type(e).__name__}); the study's last commit is lost") from None
 
 
 def save(staging: Path, state_dir: Path, ledger_bytes: int) -> Commit:

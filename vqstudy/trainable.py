@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -100,6 +101,15 @@ def _restore_work(work: Path) -> int | None:
     return checkpoint_step(work)
 
 
+def _rooted(flat: dict[str, Any]) -> dict[str, Any]:
+    """A relative data.root is the directory the study was started from: Tune runs each
+    trial in its own folder (and says where it started in TUNE_ORIG_WORKING_DIR)."""
+    root, start = flat.get("data.root"), os.environ.get("TUNE_ORIG_WORKING_DIR")
+    if root and start and not os.path.isabs(os.path.expanduser(root)):
+        return {**flat, "data.root": os.path.join(start, root)}
+    return flat
+
+
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """One trial: the study's base config + this trial's keys -> train()."""
     import torch
@@ -109,7 +119,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     from .train import Diverged, train
 
     torch.set_num_threads(max(1, int(spec.cpu)))
-    cfg = TrialConfig.from_dict({**spec.base, **config})
+    cfg = TrialConfig.from_dict(_rooted({**spec.base, **config}))
     work = Path(tempfile.mkdtemp(prefix=f"vqstudy-{tune.get_context().get_trial_id()}-"))
     try:
         reporter = Reporter(spec, work, cfg.train.steps, _restore_work(work))
