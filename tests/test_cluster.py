@@ -377,3 +377,35 @@ def test_a_lost_worker_node_is_survived(tmp_path, cluster, s3):
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "recon_mse")]
         assert sorted(steps) == list(range(1000, 8001, 1000)), steps
+
+
+def test_a_cluster_left_without_workers_ends_resumable(tmp_path, cluster, s3):
+    """The only worker node dies and none replaces it: Tune alone would wait for resources
+    forever; the driver's watch ends the study as interrupted once no node could run a trial
+    for its grace period (15 s here), exit 1, parent run KILLED. Once a worker joins again,
+    resume finishes every trial once."""
+    out = cluster.hidden / "orphaned"
+    path = tiny_study(tmp_path, name="orphaned", sweep={"grid": {"quantizer.codebook_size": [8, 16]}},
+                      base={"train": {"steps": 8000, "eval_every": 1000, "device": "cpu"}})
+    driver = subprocess.Popen([sys.executable, "-m", "vqstudy.cli", "run", str(path), "--out", str(out), "--address",
+                               cluster.address, "--storage", s3], env={**env(), "VQSTUDY_CLUSTER_GRACE_S": "15"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        ledger = out / "ledger.jsonl"
+        wait_until(lambda: ledger.exists() and ledger.read_text().count('"op":"checkpoint"') >= 2, 180,
+                   "both trials' first checkpoints")
+        stop_node(cluster.worker)
+        lost = time.time()
+        _, stderr = driver.communicate(timeout=240)
+    finally:
+        stop(driver)
+        cluster.worker = cluster.start_worker()
+    assert driver.returncode == 1, stderr[-3000:]
+    assert time.time() - lost < 120
+    assert "no node of the Ray cluster could run a trial for 15 s" in stderr and "Traceback" not in stderr
+    assert f"continue with: vqstudy resume {out}" in stderr
+    records = StudyFolder(out).load()[1]
+    assert MlflowClient(records.tracking_uri).get_run(records.parent_run_id).info.status == "KILLED"
+    r = vqstudy("resume", out, "--address", cluster.address)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "orphaned: 2 finished (of 2)" in r.stdout and "audit" not in r.stderr

@@ -128,6 +128,7 @@ def test_validation_imports_neither_ray_nor_torch(tmp_path, text, code):
 BAD = [
     ("unknown top-level key", "name: s\nsweeep: {}\n", "sweeep: unknown key (allowed: name, description"),
     ("missing name", "base: {}\n", "name: required"),
+    ("name with a newline", 'name: "s\\n"\n', "name: required, letters, digits"),
     ("unknown sweep key", BASE + "sweep: {grids: {}}\n", "sweep.grids: unknown key"),
     ("unknown base key", "name: s\nbase: {train: {stepz: 3}}\n", "base: train.stepz: unknown key (did you mean train.steps?)"),
     ("negative steps", "name: s\nbase: {train: {steps: -10}}\n", "train.steps: -10 is out of range (must be >= 1)"),

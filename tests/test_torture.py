@@ -84,6 +84,7 @@ def test_twenty_sigkills_leave_exact_records(tmp_path, ray_address, capsys):
         assert run.info.status == "FINISHED" and run.data.metrics["step"] == 8000
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "recon_mse")]
         assert sorted(steps) == list(range(800, 8001, 800)), (run.data.tags["vqstudy.trial_id"], steps, moments)
+        assert len(client.get_metric_history(run.info.run_id, "reporting_time_s")) == 1   # the last step's, once
 
     assert main(["export", str(out)]) == 0
     table = pq.read_table(out / "results.parquet")

@@ -23,7 +23,7 @@ from .registry import DATASETS, QUANTIZERS
 @dataclass
 class DataConfig:
     name: str = spec("gaussian_mixture", doc="dataset (see `vqstudy list`)")
-    root: str = spec("data", doc="folder holding torchvision datasets / image folders")
+    root: str = spec("data", doc="folder holding torchvision datasets / image folders (relative: to where the study started)")
     download: bool = spec(False, doc="let torchvision download mnist/fashion_mnist/cifar10")
     seed: int = spec(0, doc="seed of synthetic data and of the train/eval split", min=0)
     num_train: int | None = spec(None, doc="train examples; null = dataset default (all for file datasets)", min=1)

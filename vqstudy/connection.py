@@ -27,7 +27,9 @@ def connect(address: str | None) -> bool:
     # print the worker's traceback again as "unhandled"
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
+    if address:
+        _check_reachable(address)
+    else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
@@ -37,7 +39,6 @@ def connect(address: str | None) -> bool:
     if not address:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
         return True
-    _check_reachable(address)
     try:
         ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:

@@ -35,6 +35,7 @@ from .storage import Storage, check_uri, clear, prune_checkpoints
 from .study import Study
 from .tables import format_table, outcome_summary, status_columns
 from .tuner import new_tuner, restored_tuner, set_state_period
+from .watch import ClusterWatch
 
 
 
@@ -61,13 +62,14 @@ def _fit(tuner_for, study: Study, folder: StudyFolder, records: Records, ledger:
     Whatever ends it, no run is left RUNNING in MLflow."""
     projector = _projector(study, folder, records)
     interrupt = Interrupt()
-    recorder = make_recorder(study, Committer(ledger, projector, folder.state_dir), interrupt)
+    watch = ClusterWatch(study.resources.cpu, study.resources.gpu)
+    recorder = make_recorder(study, Committer(ledger, projector, folder.state_dir), interrupt, watch)
     set_state_period(study)
     status = "FAILED"
     try:
         tuner_for(recorder).fit()
         recorder.drain()
-        if interrupt.signum:
+        if interrupt.reason:
             status = "KILLED"
             return _interrupted(interrupt, study, folder, projector)
         prune_checkpoints(folder.storage(records))
@@ -110,7 +112,7 @@ def _interrupted(interrupt: Interrupt, study: Study, folder: StudyFolder, projec
     the recorder committed it; MLflow gets what was committed, and the user the next step."""
     project(folder.ledger_file, projector)
     rows = folder.trial_rows(study)
-    sys.stderr.write(f"vqstudy: {study.name}: {interrupt.name}: interrupted after "
+    sys.stderr.write(f"vqstudy: {study.name}: {interrupt.reason}: interrupted after "
                      f"{outcome_summary(rows, study.num_trials)} — continue with: vqstudy resume {folder.root}\n")
     return interrupt.exit_code
 

@@ -11,12 +11,12 @@ from typing import Any
 from .errors import ConfigError
 from .fields import check_keys, load_yaml, require_mapping
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")   # fragment (and study) names
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")   # fragment (and study) names: fullmatch (`$` lets "x\n" through)
 
 
 def find_include(name: str, study_path: Path | None, src: str) -> Path:
     """search_spaces/NAME.yaml next to the study's folder, in it, or under the working directory."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError(f"{src}: sweep.include: {name!r} is not a fragment name (e.g. codebook_sizes)")
     roots = [study_path.parent.parent, study_path.parent] if study_path else []
     candidates = [r / "search_spaces" / f"{name}.yaml" for r in roots] + [Path("search_spaces") / f"{name}.yaml"]

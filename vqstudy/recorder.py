@@ -131,7 +131,7 @@ class Committer:
         self.pending.clear()
 
 
-def make_recorder(study: Study, committer: Committer, interrupt=None):
+def make_recorder(study: Study, committer: Committer, interrupt=None, watch=None):
     """The Tune Callback for this driver (defined here: subclassing needs Ray). Tune pickles
     its callbacks with the experiment; this one pickles as a handle (`_live`), so a resumed
     experiment records through the new driver's committer."""
@@ -152,6 +152,11 @@ def make_recorder(study: Study, committer: Committer, interrupt=None):
                     interrupt.arm()
                 except ValueError:   # not the main thread: signals stay as they are
                     pass
+
+        def on_step_begin(self, iteration, trials, **info):
+            reason = watch.check() if watch is not None and interrupt is not None else None
+            if reason:
+                interrupt.stop(reason)
 
         def get_state(self):
             """Tune calls this right after saving its experiment state in the staging folder,
@@ -176,13 +181,7 @@ def make_recorder(study: Study, committer: Committer, interrupt=None):
             committer.record("recovered", trial.trial_id)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            result = trial.last_result or {}
-            outcome = from_ray("TERMINATED", result, study.planned_steps(trial.config))
-            if outcome is Outcome.FINISHED and study.tracking.artifacts:
-                paths = _copy_figures(trial, committer.projector.figures_dir / trial.trial_id, committer.projector.root)
-                committer.record("figures", trial.trial_id, paths)
-            stopped = result.get("step") if outcome is Outcome.STOPPED_EARLY else None
-            committer.record("ended", trial.trial_id, outcome.value, result.get("failure"), stopped)
+            _completed(study, committer, trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             error = trial.get_error()
@@ -190,6 +189,18 @@ def make_recorder(study: Study, committer: Committer, interrupt=None):
             committer.record("ended", trial.trial_id, Outcome.FAILED.value, reason, None)
 
     return Recorder()
+
+
+def _completed(study: Study, committer: Committer, trial) -> None:
+    """A trial Tune calls TERMINATED: finished (its figures copied out of its last
+    checkpoint), stopped early by the scheduler, or diverged."""
+    result = trial.last_result or {}
+    outcome = from_ray("TERMINATED", result, study.planned_steps(trial.config))
+    if outcome is Outcome.FINISHED and study.tracking.artifacts:
+        paths = _copy_figures(trial, committer.projector.figures_dir / trial.trial_id, committer.projector.root)
+        committer.record("figures", trial.trial_id, paths)
+    stopped = result.get("step") if outcome is Outcome.STOPPED_EARLY else None
+    committer.record("ended", trial.trial_id, outcome.value, result.get("failure"), stopped)
 
 
 def _copy_figures(trial, out: Path, root: Path) -> list[str]:

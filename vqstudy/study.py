@@ -234,7 +234,7 @@ def parse_study(raw: Any, path: Path | None = None, overrides: dict[str, Any] | 
     raw = require_mapping(raw, src)
     check_keys(raw, STUDY_KEYS, src)
     name = raw.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError(f"{src}: name: required, letters, digits, '_', '-', '.' (got {name!r})")
     description = raw.get("description") or ""
     if not isinstance(description, str):
