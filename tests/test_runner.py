@@ -348,14 +348,16 @@ def test_a_driver_killed_before_its_first_commit_starts_again(tmp_path, ray_addr
     assert len(parents) == 1 and len(children) == 2
 
 
-def _stopped_by(sig: int, args: list[str], out: Path, ray_address: str) -> subprocess.CompletedProcess:
-    """Start a driver, send it `sig` once a trial has started (committed), collect its exit."""
+def _stopped_by(sig: int, args: list[str], out: Path, ray_address: str, times: int = 1) -> subprocess.CompletedProcess:
+    """Start a driver, send it `sig` (`times` times) once a trial has started (committed), collect its exit."""
     ledger = out / "ledger.jsonl"
     seen = ledger.read_text().count('"op":"start"') if ledger.exists() else 0
     proc = subprocess.Popen([sys.executable, "-m", "vqstudy.cli", *args, "--address", ray_address],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for(lambda: ledger.exists() and ledger.read_text().count('"op":"start"') > seen, 120, "a trial", poll=0.1)
-    proc.send_signal(sig)
+    for _ in range(times):
+        proc.send_signal(sig)
+        time.sleep(0.3)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
@@ -363,7 +365,7 @@ def _stopped_by(sig: int, args: list[str], out: Path, ray_address: str) -> subpr
 def test_sigterm_and_sigint_interrupt_cleanly(tmp_path, ray_address, capsys):
     """What a scheduler sends (SIGTERM) and Ctrl-C (SIGINT) stop the study cleanly: exit
     143 / 130, one line naming `vqstudy resume DIR`, no traceback, the parent run KILLED and
-    no run left RUNNING; resume then finishes every trial once."""
+    no run left RUNNING; a second Ctrl-C stops at once; resume then finishes every trial once."""
     path = tiny_study(tmp_path, name="stopped", base={"train": {"steps": 6000, "eval_every": 1000, "device": "cpu"}})
     out = tmp_path / "out"
     for sig, code, args in [(signal.SIGTERM, 143, ["run", str(path), "--out", str(out)]),
@@ -374,6 +376,9 @@ def test_sigterm_and_sigint_interrupt_cleanly(tmp_path, ray_address, capsys):
         assert "Traceback" not in r.stderr and "Tuner.restore" not in r.stderr
         _, (parent,), children = mlflow_runs(out, "stopped")
         assert parent.info.status == "KILLED" and all(c.info.status != "RUNNING" for c in children)
+    r = _stopped_by(signal.SIGINT, ["resume", str(out)], out, ray_address, times=2)   # Ctrl-C twice: at once
+    assert r.returncode == 130 and f"stopped at once — continue with: vqstudy resume {out}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
     capsys.readouterr()
     assert driver.resume(out, ray_address) == 0
     progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
@@ -381,3 +386,7 @@ def test_sigterm_and_sigint_interrupt_cleanly(tmp_path, ray_address, capsys):
     _, (parent,), children = mlflow_runs(out, "stopped")
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert all(c.info.status == "FINISHED" for c in children)
+    assert main(["export", str(out)]) == 0   # runtime_s: time spent running, not the stops between attempts
+    wall = {c.data.tags["vqstudy.trial_id"]: (c.info.end_time - c.info.start_time) / 1000 for c in children}
+    for row in pq.read_table(out / "results.parquet").to_pylist():
+        assert 0 < row["runtime_s"] < wall[row["trial_id"]]

@@ -76,6 +76,10 @@ def _fit(tuner_for, study: Study, folder: StudyFolder, records: Records, ledger:
         ok = _settle(study, folder, records, projector)
         status = "FINISHED" if ok else "FAILED"
         return 0 if ok else 1
+    except KeyboardInterrupt:   # a second Ctrl-C: stop at once; the last commit stands
+        status = "KILLED"
+        sys.stderr.write(f"vqstudy: {study.name}: stopped at once — continue with: vqstudy resume {folder.root}\n")
+        raise
     finally:
         interrupt.disarm()
         _close_study(records, status)

@@ -102,6 +102,16 @@ def _config_value(key: str, raw: str | None) -> Any:
         return None
 
 
+def _runtime_s(run: dict[str, Any]) -> float | None:
+    """Time the trial spent running, over all its attempts: its training time (carried across
+    restarts in its checkpoints) plus reporting and figures; not the hours a killed driver or
+    a lost node kept it waiting, which the run's start-to-end time includes."""
+    metrics = run["metrics"]
+    if "train_time_s" in metrics:
+        return sum(metrics.get(k, 0.0) for k in ("train_time_s", "reporting_time_s", "artifacts_time_s"))
+    return (run["end"] - run["start"]) / 1000 if run["end"] and run["start"] else None
+
+
 def to_table(runs: list[dict[str, Any]]) -> pa.Table:
     """Runs as read above -> the typed results table, one row per trial, sorted by trial id."""
     columns: dict[str, list] = defaultdict(list)
@@ -115,7 +125,7 @@ def to_table(runs: list[dict[str, Any]]) -> pa.Table:
         columns["failure_reason"].append(tags.get(FAILURE_TAG))
         columns["stopped_early_at_step"].append(int(stopped) if stopped else None)
         columns["mlflow_run_id"].append(run["run_id"])
-        columns["runtime_s"].append((run["end"] - run["start"]) / 1000 if run["end"] and run["start"] else None)
+        columns["runtime_s"].append(_runtime_s(run))
         columns["steps"].append(int(metrics["step"]) if "step" in metrics else None)
         for key in config_keys:
             columns[key].append(_config_value(key, params.get(key)))
