@@ -162,7 +162,9 @@ DISK_MB = 1.5
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sections, message", [
-    ({"base": {"quantizer": {"codebook_size": 2 ** 40}}}, "quantizer.codebook_size: 1,099,511,627,776 codes x 4 dims"),
+    ({"base": {"quantizer": {"codebook_size": 2 ** 40}}}, "(quantizer.codebook_size 1,099,511,627,776 x model.latent_dim 4"),
+    ({"base": {"model": {"encoder_width": 1_000_000}}}, "model widths 1,000,000/"),
+    ({"base": {"train": {"batch_size": 10 ** 9}}}, "batches of 1,000,000,000 vectors"),
     ({"base": {"data": {"name": "mnist", "root": "no/such/folder"}, "model": {"latent_dim": 4}}},
      "data.root: no folder 'no/such/folder' for data.name mnist"),
     ({"base": {"data": {"name": "imagefolder", "root": "/no/images"}}}, "data.root: no folder '/no/images'"),

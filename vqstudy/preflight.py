@@ -75,30 +75,44 @@ TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "
 
 
 def trial_bytes(cfg) -> tuple[int, int]:
-    """(a floor of one trial's memory in bytes, the vectors in its largest batch): the codebook
-    with its gradient and Adam's two moments (4 x K x D floats) and the distances between a
-    batch's vectors and every code with what backprop keeps of them (3 x N x K floats). Only
-    a floor; what it catches is a K or a batch no machine holds (K = 2**40)."""
-    from .registry import DATASETS
+    """(a floor of one trial's memory in bytes, the vectors in its largest batch). Counted:
+    the codebook and the encoder/decoder weights with their gradients and Adam's two moments
+    (4 copies), the distances between a batch's vectors and the codes (one search block, or,
+    for a quantizer with a softmax over every code, 3 x N x K for what backprop keeps; an
+    evaluation batch keeps none), and the full-resolution
+    activations of a training batch, forward and backward. Only a floor; what it catches is a
+    K, a width or a batch no machine holds (K = 2**40, a width of a million)."""
+    from .quantizers._common import SEARCH_BLOCK_ELEMENTS
+    from .registry import DATASETS, QUANTIZERS
 
-    k, d = cfg.quantizer.codebook_size, cfg.model.latent_dim
+    m, k, d = cfg.model, cfg.quantizer.codebook_size, cfg.model.latent_dim
     image = DATASETS.entry(cfg.data.name).modality == "image"
-    tokens = max(1, cfg.data.image_size // 2 ** cfg.model.downsample) ** 2 if image else 1
-    n = max(cfg.train.batch_size, cfg.train.eval_batch_size) * tokens
-    return 4 * (4 * k * d + 3 * n * k), n
+    kernel, positions = (9, cfg.data.image_size ** 2) if image else (1, 1)
+    tokens = max(1, cfg.data.image_size // 2 ** m.downsample) ** 2 if image else 1
+    n = cfg.train.batch_size * tokens
+    weights = k * d + kernel * ((m.encoder_depth + 1) * m.encoder_width ** 2 + (m.decoder_depth + 1) * m.decoder_width ** 2)
+    if QUANTIZERS.entry(cfg.quantizer.name).dense_over_k:
+        distances = max(3 * n, cfg.train.eval_batch_size * tokens) * k   # evaluation keeps no gradients
+    else:
+        distances = min(n * k, SEARCH_BLOCK_ELEMENTS)                      # the search works block by block
+    activations = 4 * cfg.train.batch_size * positions * max(m.encoder_width, m.decoder_width)
+    return 4 * (4 * weights + distances + activations), n
 
 
 def check_memory(study: Study, nodes: list[dict]) -> None:
-    """Refuse a trial whose memory floor is beyond the largest node's memory (Ray's count)."""
+    """Refuse a CPU trial whose memory floor is beyond the largest node's memory (Ray's
+    count). GPU trials are not checked: Ray's node table holds no GPU memory."""
     memory = max(n["Resources"].get("memory", 0) for n in nodes)
-    if not memory:
+    if not memory or study.resources.gpu > 0:
         return
     for cfg in study.trial_configs():
         need, n = trial_bytes(cfg)
         if need > memory:
-            raise ConfigError(f"{study.source}: quantizer.codebook_size: {cfg.quantizer.codebook_size:,} codes x "
-                              f"{cfg.model.latent_dim} dims with batches of {n:,} vectors need at least "
-                              f"{need / 2**30:,.1f} GiB per trial; the largest node has {memory / 2**30:,.1f} GiB")
+            m = cfg.model
+            raise ConfigError(f"{study.source}: one trial needs at least {need / 2**30:,.1f} GiB (quantizer.codebook_size "
+                              f"{cfg.quantizer.codebook_size:,} x model.latent_dim {m.latent_dim}, model widths "
+                              f"{m.encoder_width:,}/{m.decoder_width:,}, batches of {n:,} vectors); the largest node "
+                              f"has {memory / 2**30:,.1f} GiB")
 
 
 def check_data_roots(study: Study) -> None:

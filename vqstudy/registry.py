@@ -30,6 +30,8 @@ class QuantizerEntry:
     kmeans: bool = False                         # a learnable codebook that k-means can initialize
     size_rule: Callable | None = None            # (QuantizerConfig, source) -> None, or ConfigError
     modalities: tuple[str, ...] = tuple(MODALITIES)  # channel-last z of any shape: every modality
+    dense_over_k: bool = False                   # a softmax over every code per vector (N x K with gradients);
+                                                 # else the nearest-code search is chunked (_common.nearest_code)
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,9 @@ QUANTIZERS = Registry({
     "ema": QuantizerEntry("vqstudy.quantizers.ema:EMAVQ", kmeans=True),
     "simvq": QuantizerEntry("vqstudy.quantizers.simvq:SimVQ"),
     "cvq": QuantizerEntry("vqstudy.quantizers.cvq:CVQ", kmeans=True),
-    "ibq": QuantizerEntry("vqstudy.quantizers.ibq:IBQ", kmeans=True),
+    "ibq": QuantizerEntry("vqstudy.quantizers.ibq:IBQ", kmeans=True, dense_over_k=True),
     "fsq": QuantizerEntry("vqstudy.quantizers.fsq:FSQ", size_rule=fsq_size_rule),
-    "lfq": QuantizerEntry("vqstudy.quantizers.lfq:LFQ", size_rule=lfq_size_rule),
+    "lfq": QuantizerEntry("vqstudy.quantizers.lfq:LFQ", size_rule=lfq_size_rule, dense_over_k=True),
 })
 
 DATASETS = Registry({
