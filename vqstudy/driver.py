@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from . import preflight, snapshot, tracking
+from .connection import connect, local_gpus, root_cause
 from .errors import ConfigError
 from .folder import RAY_DIR, Records, StudyFolder
-from .connection import connect, local_gpus, root_cause
 from .interrupt import Interrupt
 from .ledger import Ledger
 from .outcome import all_ok
@@ -34,10 +34,11 @@ from .recorder import Committer, Projector, audit, make_recorder, project
 from .storage import Storage, check_uri, clear, prune_checkpoints
 from .study import Study
 from .tables import format_table, outcome_summary, status_columns
-from .tuner import new_tuner, restored_tuner, set_state_period
+from .tuner import _trial_dirname, new_tuner, restored_tuner, set_state_period  # noqa: F401
 from .watch import ClusterWatch
 
-
+# `_trial_dirname` is pickled by name in the Tune trial states of studies started before
+# tuner.py existed (as vqstudy.driver._trial_dirname): kept importable here so they resume.
 
 
 def _preflight(study: Study, storage: Storage, tracking_uri: str, own_instance: bool) -> None:
