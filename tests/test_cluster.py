@@ -409,3 +409,47 @@ def test_a_cluster_left_without_workers_ends_resumable(tmp_path, cluster, s3):
     r = vqstudy("resume", out, "--address", cluster.address)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "orphaned: 2 finished (of 2)" in r.stdout and "audit" not in r.stderr
+
+
+def _head(temp: Path, port: int) -> subprocess.Popen:
+    """A one-node cluster (a head with 2 CPUs) in its own process group."""
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(port), "--temp-dir",
+                             str(temp), "--include-dashboard", "false", "--block"], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_until(lambda: _alive_cpu_nodes(f"127.0.0.1:{port}") == 1, 90, "the head node")
+    return head
+
+
+def test_a_lost_control_plane_ends_the_study_resumable(tmp_path):
+    """The cluster's GCS dies under the driver (its head killed): Ray would block every call
+    and end the driver after 60 s leaving the runs RUNNING; the driver's watch ends it within
+    a third of its grace period (5 s of 15 here) with one line, exit 1, the runs KILLED. On a
+    new cluster, resume finishes every trial once."""
+    temp = Path(tempfile.mkdtemp(prefix="vqs-gcs-"))
+    out = tmp_path / "out"
+    path = tiny_study(tmp_path, name="headless", base={"train": {"steps": 8000, "eval_every": 1000, "device": "cpu"}})
+    port = free_port()
+    head = _head(temp / "a", port)
+    try:
+        driver = subprocess.Popen([sys.executable, "-m", "vqstudy.cli", "run", str(path), "--out", str(out),
+                                   "--address", f"127.0.0.1:{port}"], env={**env(), "VQSTUDY_CLUSTER_GRACE_S": "15"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        ledger = out / "ledger.jsonl"
+        wait_until(lambda: ledger.exists() and '"op":"start"' in ledger.read_text(), 120, "a trial")
+        stop(head)
+        lost = time.time()
+        _, stderr = driver.communicate(timeout=120)
+        assert driver.returncode == 1 and time.time() - lost < 45, stderr[-3000:]
+        assert "control plane (GCS at" in stderr and f"continue with: vqstudy resume {out}" in stderr
+        assert "Traceback" not in stderr
+        records = StudyFolder(out).load()[1]
+        client = MlflowClient(records.tracking_uri)
+        assert {r.info.status for r in client.search_runs([records.experiment_id])} == {"KILLED"}
+        port = free_port()
+        head = _head(temp / "b", port)
+        r = vqstudy("resume", out, "--address", f"127.0.0.1:{port}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "headless: 2 finished (of 2)" in r.stdout and "audit" not in r.stderr
+    finally:
+        stop(head)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -61,6 +61,16 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
         raise ConfigError(f"--address: cannot reach the Ray cluster at {address!r} ({reason})") from None
 
 
+def gcs_address() -> str | None:
+    """host:port of the connected cluster's GCS (what the driver's watch probes)."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:
+        return None
+
+
 def local_gpus() -> int:
     import torch
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from . import preflight, snapshot, tracking
-from .connection import connect, local_gpus, root_cause
+from .connection import connect, gcs_address, local_gpus, root_cause
 from .errors import ConfigError
 from .folder import RAY_DIR, Records, StudyFolder
 from .interrupt import Interrupt
@@ -63,8 +63,9 @@ def _fit(tuner_for, study: Study, folder: StudyFolder, records: Records, ledger:
     Whatever ends it, no run is left RUNNING in MLflow."""
     projector = _projector(study, folder, records)
     interrupt = Interrupt()
-    watch = ClusterWatch(study.resources.cpu, study.resources.gpu)
+    watch = ClusterWatch(study.resources.cpu, study.resources.gpu, gcs_address())
     recorder = make_recorder(study, Committer(ledger, projector, folder.state_dir), interrupt, watch)
+    watch.watch_gcs(lambda reason: _abandon(reason, recorder, study, folder, records, projector))
     set_state_period(study)
     status = "FAILED"
     try:
@@ -82,8 +83,21 @@ def _fit(tuner_for, study: Study, folder: StudyFolder, records: Records, ledger:
         sys.stderr.write(f"vqstudy: {study.name}: stopped at once — continue with: vqstudy resume {folder.root}\n")
         raise
     finally:
+        watch.close()
         interrupt.disarm()
         _close_study(records, status)
+
+
+def _abandon(reason: str, recorder, study: Study, folder: StudyFolder, records: Records, projector: Projector):
+    """The cluster's control plane is gone: commit what Tune last saved, bring MLflow up to
+    the ledger, close the runs as interrupted, say so, and end the process (Ray's calls
+    would block until Ray ends it, leaving the runs RUNNING)."""
+    recorder.drain()
+    project(folder.ledger_file, projector)
+    _close_study(records, "KILLED")
+    sys.stderr.write(f"vqstudy: {study.name}: {reason}: interrupted — continue with: vqstudy resume {folder.root}\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _close_study(records: Records, status: str) -> None:

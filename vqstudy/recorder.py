@@ -15,6 +15,7 @@ per ended trial, with its final step and outcome.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,12 +103,17 @@ class Committer:
         self.pending: list = []
         self.buffer: list[tuple[float, str, tuple]] = []
         self.staging: Path | None = None   # Tune's driver staging folder (holds its state files)
+        self.lock = threading.Lock()       # Tune's loop and the GCS watch's thread may both commit
 
     def record(self, event: str, *args) -> None:
         """`event` is a method of Ledger and, if MLflow shows it, of Projector."""
         self.buffer.append((time.time(), event, args))
 
     def commit(self) -> None:
+        with self.lock:
+            self._commit()
+
+    def _commit(self) -> None:
         if not self.buffer or self.staging is None:
             return
         batch, self.buffer = self.buffer, []
