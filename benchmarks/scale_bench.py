@@ -66,8 +66,28 @@ def run_vqstudy(n: int, tmp: Path) -> dict:
             "ledger_mb": (out / "ledger.jsonl").stat().st_size / 2**20}
 
 
-def run_plain(n: int, tmp: Path) -> dict:
+def _tune_only(trainable, name: str, space: dict, n: int, tmp: Path) -> dict:
+    """A plain Ray Tune run of `trainable` over `space`, timing each trial's completion."""
     import ray
+    from ray import tune
+
+    ends: list[float] = []
+
+    class Ends(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            ends.append(time.time())
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    t0 = time.time()
+    tune.Tuner(tune.with_resources(trainable, {"cpu": 1}), param_space=space,
+               tune_config=tune.TuneConfig(reuse_actors=True),
+               run_config=tune.RunConfig(name=name, storage_path=str(tmp), callbacks=[Ends()], verbose=0)).fit()
+    return {"exit": 0, "wall_s": time.time() - t0, "quarters": quarters(ends),
+            "state_per_trial": state_bytes(tmp / name) / n}
+
+
+def run_plain(n: int, tmp: Path) -> dict:
+    """The same train() as vqstudy's trials, reporting every metric to Tune."""
     from ray import tune
 
     from vqstudy.config import TrialConfig
@@ -79,44 +99,17 @@ def run_plain(n: int, tmp: Path) -> dict:
         torch.set_num_threads(1)
         train(TrialConfig.from_dict({**BASE, **config}), report=lambda m: tune.report(m))
 
-    ends: list[float] = []
-
-    class Ends(tune.Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            ends.append(time.time())
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    t0 = time.time()
-    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}),
-                       param_space={"data.root": tune.grid_search([f"unused{i}" for i in range(n)])},
-                       tune_config=tune.TuneConfig(reuse_actors=True),
-                       run_config=tune.RunConfig(name="plain", storage_path=str(tmp), callbacks=[Ends()], verbose=0))
-    tuner.fit()
-    return {"exit": 0, "wall_s": time.time() - t0, "quarters": quarters(ends),
-            "state_per_trial": state_bytes(tmp / "plain") / n}
+    return _tune_only(trainable, "plain", {"data.root": tune.grid_search([f"unused{i}" for i in range(n)])}, n, tmp)
 
 
 def run_floor(n: int, tmp: Path) -> dict:
     """Ray Tune's own floor: a trainable that reports one key once and never checkpoints."""
-    import ray
     from ray import tune
 
     def trainable(config):
         tune.report({"x": 1.0})
 
-    ends: list[float] = []
-
-    class Ends(tune.Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            ends.append(time.time())
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    t0 = time.time()
-    tune.Tuner(tune.with_resources(trainable, {"cpu": 1}), param_space={"i": tune.grid_search(list(range(n)))},
-               tune_config=tune.TuneConfig(reuse_actors=True),
-               run_config=tune.RunConfig(name="floor", storage_path=str(tmp), callbacks=[Ends()], verbose=0)).fit()
-    return {"exit": 0, "wall_s": time.time() - t0, "quarters": quarters(ends),
-            "state_per_trial": state_bytes(tmp / "floor") / n}
+    return _tune_only(trainable, "floor", {"i": tune.grid_search(list(range(n)))}, n, tmp)
 
 
 RUNNERS = {"vqstudy": run_vqstudy, "plain Ray Tune": run_plain, "Tune floor": run_floor}

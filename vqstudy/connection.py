@@ -46,19 +46,26 @@ def connect(address: str | None) -> bool:
     return False
 
 
-def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
-    """Ray's own join waits minutes on an address nobody answers: try its port first."""
+def unanswered(address: str, timeout_s: float) -> str | None:
+    """Why nothing answers on host:port within `timeout_s` (a TCP connect), or None if
+    something does or the address is not host:port ("auto" and forms Ray resolves itself)."""
     import socket
 
-    hostport = address.removeprefix("ray://")
-    host, _, port = hostport.rpartition(":")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        return   # "auto" and other forms Ray resolves itself
+        return None
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        return None
     except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise ConfigError(f"--address: cannot reach the Ray cluster at {address!r} ({reason})") from None
+        return e.strerror or type(e).__name__
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Ray's own join waits minutes on an address nobody answers: try its port first."""
+    reason = unanswered(address, timeout_s)
+    if reason:
+        raise ConfigError(f"--address: cannot reach the Ray cluster at {address!r} ({reason})")
 
 
 def gcs_address() -> str | None:

@@ -16,23 +16,13 @@ to join) and a third of it, 20 s, for the GCS (it must beat Ray's own 60 s).
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 
+from .connection import unanswered
+
 GRACE_S = 60.0
 EVERY_S = 5.0
-
-
-def _answers(address: str | None, timeout_s: float = 1.0) -> bool:
-    if not address:
-        return True
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 class ClusterWatch:
@@ -78,7 +68,7 @@ class ClusterWatch:
         def loop():
             since = None
             while not self.closed.wait(min(EVERY_S, limit / 4)):
-                if _answers(self.gcs):
+                if unanswered(self.gcs, timeout_s=1.0) is None:
                     since = None
                     continue
                 since = since if since is not None else time.monotonic()
