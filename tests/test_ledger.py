@@ -160,5 +160,10 @@ def test_restore_puts_the_committed_state_back(tmp_path):
     snapshot.restore(commit, state_dir, storage)
     assert sorted(p.name for p in exp.iterdir()) == ["experiment_state-s1.json", "trial_x", "tuner.pkl"]
     assert (exp / "experiment_state-s1.json").read_text() == '{"trial_data": []}'
-    again = snapshot.save(_staging(tmp_path, '{"trial_data": []}'), state_dir, 5)
+    tuner = (state_dir / "g000001" / "tuner.pkl").stat().st_ino
+    (tmp_path / "staging" / "experiment_state-s1.json").write_text('{"trial_data": [], "n": 2}')   # Tune saved again
+    again = snapshot.save(tmp_path / "staging", state_dir, 5, commit)
     assert again.generation == "g000002" and [p.name for p in state_dir.iterdir() if p.is_dir()] == ["g000002"]
+    assert (state_dir / "g000002" / "tuner.pkl").stat().st_ino == tuner   # unchanged: linked, not copied again
+    assert (state_dir / "g000002" / "experiment_state-s1.json").read_text() == '{"trial_data": [], "n": 2}'
+    assert snapshot.committed(state_dir) == again

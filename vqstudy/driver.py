@@ -80,7 +80,7 @@ def _fit(tuner_for, study: Study, folder: StudyFolder, records: Records, ledger:
         return 0 if ok else 1
     except KeyboardInterrupt:   # a second Ctrl-C: stop at once; the last commit stands
         status = "KILLED"
-        sys.stderr.write(f"vqstudy: {study.name}: stopped at once — continue with: vqstudy resume {folder.root}\n")
+        sys.stderr.write(f"vqstudy: {study.name}: stopped at once — {_resume_hint(folder)}\n")
         raise
     finally:
         watch.close()
@@ -95,9 +95,14 @@ def _abandon(reason: str, recorder, study: Study, folder: StudyFolder, records: 
     recorder.drain()
     project(folder.ledger_file, projector)
     _close_study(records, "KILLED")
-    sys.stderr.write(f"vqstudy: {study.name}: {reason}: interrupted — continue with: vqstudy resume {folder.root}\n")
+    sys.stderr.write(f"vqstudy: {study.name}: {reason}: interrupted — {_resume_hint(folder)}\n")
     sys.stderr.flush()
     os._exit(1)
+
+
+def _resume_hint(folder: StudyFolder) -> str:
+    """The one next step every interrupted study names."""
+    return f"continue with: vqstudy resume {folder.root}"
 
 
 def _close_study(records: Records, status: str) -> None:
@@ -132,7 +137,7 @@ def _interrupted(interrupt: Interrupt, study: Study, folder: StudyFolder, projec
     project(folder.ledger_file, projector)
     rows = folder.trial_rows(study)
     sys.stderr.write(f"vqstudy: {study.name}: {interrupt.reason}: interrupted after "
-                     f"{outcome_summary(rows, study.num_trials)} — continue with: vqstudy resume {folder.root}\n")
+                     f"{outcome_summary(rows, study.num_trials)} — {_resume_hint(folder)}\n")
     return interrupt.exit_code
 
 

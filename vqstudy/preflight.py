@@ -21,13 +21,18 @@ from .study import Study
 TIMEOUT_S = 30
 
 
+def has_room(node: dict, need: dict[str, float]) -> bool:
+    """A node of Ray's node table has the CPUs and GPUs of one trial (`need`)."""
+    return all(node["Resources"].get(k, 0) >= v for k, v in need.items() if v)
+
+
 def trial_nodes(study: Study) -> list[dict]:
     """The alive nodes one trial fits on; ConfigError when none does."""
     import ray
 
     nodes = [n for n in ray.nodes() if n["Alive"]]
     need = {"CPU": study.resources.cpu, "GPU": study.resources.gpu}
-    fits = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in need.items() if v)]
+    fits = [n for n in nodes if has_room(n, need)]
     if not fits:
         for kind, v in need.items():
             largest = max((n["Resources"].get(kind, 0) for n in nodes), default=0)
@@ -151,8 +156,8 @@ def check_tracking_uri(uri: str) -> str:
 
 
 def check_tracking(uri: str) -> None:
-    """A tracking server must answer the driver before trials start (SQLite files need no check)."""
-    check_tracking_uri(uri)
+    """A tracking server must answer the driver before trials start (SQLite files need no check).
+    The URI itself was checked before anything was written (`check_tracking_uri`)."""
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error

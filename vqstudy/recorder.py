@@ -104,6 +104,7 @@ class Committer:
         self.buffer: list[tuple[float, str, tuple]] = []
         self.staging: Path | None = None   # Tune's driver staging folder (holds its state files)
         self.lock = threading.Lock()       # Tune's loop and the GCS watch's thread may both commit
+        self.last: snapshot.Commit | None = None
 
     def record(self, event: str, *args) -> None:
         """`event` is a method of Ledger and, if MLflow shows it, of Projector."""
@@ -119,7 +120,7 @@ class Committer:
         batch, self.buffer = self.buffer, []
         for t, event, args in batch:
             self.ledger.write_at(t, event, *args)
-        snapshot.save(self.staging, self.state_dir, self.ledger.sync())
+        self.last = snapshot.save(self.staging, self.state_dir, self.ledger.sync(), self.last)
         for _, event, args in batch:
             if hasattr(self.projector, event):
                 self.pending.append(self.writer.submit(getattr(self.projector, event), *args))

@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
@@ -41,6 +41,7 @@ class Commit:
     generation: str          # folder under DIR/ray-state holding Tune's files
     ledger_bytes: int        # the ledger's length when the commit was made
     files: tuple[str, ...]
+    stamps: dict = field(default_factory=dict)   # file -> [size, mtime_ns] in the staging folder
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,28 +66,37 @@ def committed(state_dir: Path) -> Commit | None:
         return None
     try:   # written temp-then-rename: unreadable only if something else damaged it
         raw = json.loads(path.read_text(encoding="utf-8"))
-        return Commit(raw["generation"], int(raw["ledger_bytes"]), tuple(raw["files"]))
+        return Commit(raw["generation"], int(raw["ledger_bytes"]), tuple(raw["files"]), raw.get("stamps", {}))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: unreadable ({type(e).__name__}); the study's last commit is lost") from None
 
 
-def save(staging: Path, state_dir: Path, ledger_bytes: int) -> Commit:
+def save(staging: Path, state_dir: Path, ledger_bytes: int, previous: Commit | None = None) -> Commit:
     """Copy Tune's staging files (top level: the experiment state, the searcher's state,
-    tuner.pkl) into a new generation and commit it with the ledger's length."""
+    tuner.pkl) into a new generation and commit it with the ledger's length. `previous` is
+    the last commit (read from disk when not given); a file unchanged since it (same size and
+    mtime: tuner.pkl, the state files of earlier sessions) is hard-linked, not copied again."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    previous = committed(state_dir)
+    previous = previous or committed(state_dir)
     number = int(previous.generation[1:]) + 1 if previous else 1
     generation = state_dir / f"g{number:06d}"
     shutil.rmtree(generation, ignore_errors=True)   # a half-made one from a killed driver
     generation.mkdir()
-    files = sorted(p.name for p in Path(staging).iterdir() if p.is_file() and not p.name.startswith((".", "tmp")))
-    for name in files:
-        _copy_synced(Path(staging) / name, generation / name)
+    stamps = {}
+    for src in sorted(Path(staging).iterdir()):
+        if not src.is_file() or src.name.startswith((".", "tmp")):
+            continue
+        st = src.stat()
+        stamps[src.name] = [st.st_size, st.st_mtime_ns]
+        if previous and previous.stamps.get(src.name) == stamps[src.name]:
+            os.link(state_dir / previous.generation / src.name, generation / src.name)
+        else:
+            _copy_synced(src, generation / src.name)
     _fsync_dir(generation)
-    commit = Commit(generation.name, ledger_bytes, tuple(files))
+    commit = Commit(generation.name, ledger_bytes, tuple(stamps), stamps)
     tmp = state_dir / f".{COMMITTED}.tmp"
     tmp.write_text(json.dumps({"generation": commit.generation, "ledger_bytes": ledger_bytes,
-                               "files": files, "t": round(time.time(), 3)}))
+                               "files": list(commit.files), "stamps": stamps, "t": round(time.time(), 3)}))
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, state_dir / COMMITTED)   # the commit

@@ -4,9 +4,9 @@
 Only the driver writes here (recorder.py, from the study's ledger): trials report to Tune,
 so a store the worker nodes cannot reach -- the default SQLite file in the study folder --
 works on any cluster. Ray's stock MLflow callback opens a new run whenever a trial
-(re)starts, so a retried or resumed trial would appear twice; here a trial's child run carries the tag
-`vqstudy.trial_id`, by which the driver finds it once and reopens it. Metrics go in one `log_batch` call per
-evaluation. A run ends with its trial's `Outcome` in the tag `vqstudy.outcome` (outcome.py
+(re)starts, so a retried or resumed trial would appear twice; here a trial's child run
+carries the tag `vqstudy.trial_id`, by which the driver finds it once and reopens it.
+Metrics go in one `log_batch` call per evaluation. A run ends with its trial's `Outcome` in the tag `vqstudy.outcome` (outcome.py
 maps it to and from MLflow's statuses).
 """
 from __future__ import annotations

@@ -20,6 +20,7 @@ import threading
 import time
 
 from .connection import unanswered
+from .preflight import has_room
 
 GRACE_S = 60.0
 EVERY_S = 5.0
@@ -41,7 +42,7 @@ class ClusterWatch:
             nodes = [n for n in ray.nodes() if n["Alive"]]
         except Exception:   # the control plane does not answer: no room either
             return False
-        return any(all(n["Resources"].get(k, 0) >= v for k, v in self.need.items() if v) for n in nodes)
+        return any(has_room(n, self.need) for n in nodes)
 
     def check(self) -> str | None:
         """Tune's loop asks this each step: a reason to stop the study, or None (looks at
