@@ -92,9 +92,14 @@ def test_bad_assignment_syntax():
     ("quantizer: {name: vq\n", "YAML syntax error at line"),
     ("- a\n- b\n", "expected a mapping at the top level, got list"),
     ("train:\n  steps: 10\n  eval_every: [1]\n", "train.eval_every: [1] is not a valid int"),
+    # PyYAML keeps the last of two equal keys and reads .nan/.inf as floats: refused here
+    ("train: {lr: 0.1}\ntrain: {steps: 5}\n", "YAML error at line 2, column 1: duplicate key 'train'"),
+    ("train: {lr: 0.1, lr: 0.2}\n", "duplicate key 'lr'"),
+    ("train: {lr: .nan}\n", "train.lr: nan is not a finite number"),
+    ("train: {lr: .inf}\n", "train.lr: inf is not a finite number"),
 ])
 def test_yaml_errors_name_the_file(tmp_path, text, message):
-    """YAML syntax and shape errors become one line starting with the file name."""
+    """YAML syntax, shape and value errors become one line starting with the file name."""
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as err:
@@ -113,20 +118,6 @@ def test_yaml_is_loaded_safely(tmp_path):
     path = tmp_path / "evil.yaml"
     path.write_text("train: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError, match="YAML error at line 1, column 8: could not determine a constructor"):
-        TrialConfig.from_yaml(path)
-
-
-@pytest.mark.parametrize("text, message", [
-    ("train: {lr: 0.1}\ntrain: {steps: 5}\n", "YAML error at line 2, column 1: duplicate key 'train'"),
-    ("train: {lr: 0.1, lr: 0.2}\n", "duplicate key 'lr'"),
-    ("train: {lr: .nan}\n", "train.lr: nan is not a finite number"),
-    ("train: {lr: .inf}\n", "train.lr: inf is not a finite number"),
-])
-def test_values_a_yaml_loader_lets_through_are_refused(tmp_path, text, message):
-    """PyYAML keeps the last of two equal keys and reads .nan/.inf as floats: both are refused."""
-    path = tmp_path / "c.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         TrialConfig.from_yaml(path)
 
 
