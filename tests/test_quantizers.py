@@ -235,6 +235,21 @@ def test_cvq_dead_codes_move_onto_batch_features(distance, anchor):
     assert torch.allclose(after[busiest], before[busiest], atol=1e-6)
 
 
+def test_cvq_cosine_anchors_are_drawn_from_the_softmax():
+    """cvq: probrandom's rejection sampler draws feature i for a code with probability
+    softmax_i(cos(code, x_i)), the reference's multinomial (chi-square over 40,000 draws)."""
+    from vqstudy.quantizers.cvq import sample_by_cosine
+
+    torch.manual_seed(0)
+    x = F.normalize(torch.randn(6, D), dim=1)
+    code = F.normalize(x[0] + 0.3 * torch.randn(D), dim=0)
+    draws = 40_000
+    counts = torch.bincount(sample_by_cosine(code.expand(draws, D), x), minlength=6).double()
+    expected = draws * (x @ code).double().softmax(0)
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 20.5          # chi-square with 5 degrees of freedom: p = 0.001
+
+
 def test_cvq_healthy_codebook_skips_the_anchor_search(monkeypatch):
     """cvq: when every code is in use (alpha ~ e^-1000), no anchors are drawn and no code moves."""
     q = make("cvq")
@@ -278,8 +293,14 @@ def test_ibq_every_code_receives_gradient_in_one_step():
         assert touched.all().item() is all_codes, name
 
 
-def test_ibq_blocked_soft_assignment_has_exact_gradients():
-    """ibq: the row-blocked SoftAssignment passes torch's finite-difference gradcheck (soft
+MODES = [(keep, sparse) for keep in (True, False) for sparse in (True, False)]
+MODE_IDS = [f"{'kept' if k else 'recomputed'}-{'sparse' if s else 'dense'}" for k, s in MODES]
+
+
+@pytest.mark.parametrize("keep, sparse", MODES, ids=MODE_IDS)
+def test_ibq_blocked_soft_assignment_has_exact_gradients(keep, sparse):
+    """ibq: the row-blocked SoftAssignment passes torch's finite-difference gradcheck in each
+    of its modes (exps kept or recomputed; entropy terms on the hot entries or dense) (soft
     codes with respect to z only: their C is stop-gradient by design, its gradient arrives
     through the scores, checked against the dense reference below)."""
     from vqstudy.quantizers.ibq import SoftAssignment
@@ -287,8 +308,42 @@ def test_ibq_blocked_soft_assignment_has_exact_gradients():
     torch.manual_seed(0)
     z = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
     c = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda z: SoftAssignment.apply(z, c.detach(), 0.5, 3)[1:], (z,))
-    assert torch.autograd.gradcheck(lambda c: SoftAssignment.apply(z.detach(), c, 0.5, 3)[2:], (c,))
+    for t in (0.5, 0.002):    # 0.002: most entries below exp's underflow at t, sparse blocks
+        def apply(z, c):
+            return SoftAssignment.apply(z, c, t, 3, keep, sparse, z.new_empty(z.shape[0] * c.shape[0]))
+
+        assert torch.autograd.gradcheck(lambda z: apply(z, c.detach())[1:], (z,))
+        assert torch.autograd.gradcheck(lambda c: apply(z.detach(), c)[2:], (c,))
+
+
+@pytest.mark.parametrize("temperature", [0.01, 1.0], ids=["hot-entries", "dense-blocks"])
+def test_ibq_soft_assignment_modes_agree(temperature):
+    """ibq: every mode gives the dense, recomputing mode's values and gradients (float32,
+    several blocks; at t = 1 the sparse mode falls back to dense blocks)."""
+    from vqstudy.quantizers.ibq import SoftAssignment
+
+    torch.manual_seed(0)
+    z, c = torch.randn(100, D), torch.randn(K, D)
+    weights = [torch.randn(100, D), torch.randn(()), torch.randn(K)]
+    results = []
+    for keep, sparse in MODES:
+        zi, ci = z.clone().requires_grad_(True), c.clone().requires_grad_(True)
+        idx, *outs = SoftAssignment.apply(zi, ci, temperature, 16, keep, sparse, torch.empty(100 * K))
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        results.append((idx, *outs, zi.grad, ci.grad))
+    for other in results[:-1]:
+        assert torch.equal(other[0], results[-1][0])
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(other[1:], results[-1][1:]))
+
+
+def test_ibq_reused_workspace_never_gives_stale_gradients():
+    """ibq: the score buffer is reused from step to step; a second forward pass before the
+    first one's backward makes that backward raise instead of using overwritten scores."""
+    q = make("ibq")
+    first = q(torch.randn(32, D, requires_grad=True))
+    q(torch.randn(32, D, requires_grad=True))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        sum(first.losses.values()).backward()
 
 
 def test_ibq_equals_the_reference_formulation():

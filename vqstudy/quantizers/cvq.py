@@ -11,7 +11,10 @@ and the anchor choice; `anchor`: `closest` (the batch feature nearest each code)
 `probrandom` (a feature sampled per code with probability softmax over the batch of its
 similarity to the code; the reference default) or `random` (uniform batch features; the
 reference draws them from a feature pool across batches). Every step is chunked over K,
-and codes too used to move (alpha below float32 resolution) skip the anchor search.
+and codes too used to move (alpha below float32 resolution) skip the anchor search. Under
+cosine distance, probrandom draws by rejection (`sample_by_cosine`: the same distribution
+as the reference's multinomial, without its M x N matrix); under l2, whose similarities
+have no bound, by the multinomial.
 """
 from __future__ import annotations
 
@@ -21,6 +24,26 @@ from torch import Tensor, nn
 
 from ._common import (SEARCH_BLOCK_ELEMENTS, QuantOut, ema_inplace, kmeans, nearest_code, quant_out,
                       sample_rows, vq_losses)
+
+
+@torch.no_grad()
+def sample_by_cosine(codes: Tensor, x: Tensor) -> Tensor:
+    """For each unit code c (M, D), the index of a row of the unit features x (N, D) drawn with
+    probability softmax_i(c . x_i): the reference's multinomial over its (M, N) similarity
+    matrix, by rejection instead. A cosine is at most 1, so proposing i uniformly and accepting
+    it with probability exp(c . x_i - 1) draws exactly that distribution, in at most e^2 ~ 7.4
+    proposals per code on average (about e^1 for codes near orthogonal to the batch): O(M D)
+    work a round instead of the matrix, the softmax and M x N exponential variates."""
+    n = x.shape[0]
+    picks = torch.empty(codes.shape[0], dtype=torch.long, device=x.device)
+    pending = torch.arange(codes.shape[0], device=x.device)
+    while pending.numel():
+        proposed = torch.randint(0, n, pending.shape, device=x.device)
+        cos = (codes[pending] * x[proposed]).sum(1)
+        accepted = torch.rand(pending.shape, device=x.device) < torch.exp(cos - 1)
+        picks[pending[accepted]] = proposed[accepted]
+        pending = pending[~accepted]
+    return picks
 
 
 class CVQ(nn.Module):
@@ -74,11 +97,12 @@ class CVQ(nn.Module):
         codes, x = self._space(codes.float()), self._space(feats)
         if self.anchor == "closest":
             return feats[nearest_code(codes, x)]
+        if self.distance == "cos":
+            return feats[sample_by_cosine(codes, x)]
         picks = torch.empty(m, dtype=torch.long, device=feats.device)
         rows = max(1, SEARCH_BLOCK_ELEMENTS // feats.shape[0])
         for i in range(0, m, rows):                                        # probrandom, (rows, N) at a time
-            block = codes[i:i + rows]
-            sim = block @ x.t() if self.distance == "cos" else -torch.cdist(block, x).square()
+            sim = -torch.cdist(codes[i:i + rows], x).square()
             picks[i:i + rows] = torch.multinomial(sim.softmax(1), 1).squeeze(1)
         return feats[picks]
 
