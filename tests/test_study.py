@@ -179,17 +179,28 @@ def test_missing_study_file(tmp_path, capsys):
     assert "nope.yaml: cannot read" in capsys.readouterr().err
 
 
-def test_gpu_request_on_a_machine_without_gpu(tmp_path, capsys, monkeypatch):
-    """resources.gpu on a machine with no GPU (and no cluster address) is refused before Ray starts."""
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_gpu_request_on_a_machine_without_gpu(tmp_path, capsys, monkeypatch, dry_run):
+    """resources.gpu on a machine with no GPU (and no cluster address) is refused before Ray
+    starts, by a run and by a dry run alike."""
+    import vqstudy.devices as devices
     import vqstudy.driver as driver
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(driver, "local_gpus", lambda: 0)
+    monkeypatch.setattr(devices, "local_gpus", lambda: 0)
     monkeypatch.setattr(driver, "connect", lambda address: pytest.fail("Ray was started"))
     path = write(tmp_path, BASE + "resources: {gpu: 0.25}\n")
-    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
-    assert "resources.gpu: 0.25 asked but this machine has no GPU" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), *(["--dry-run"] if dry_run else [])]) == 2
+    err = capsys.readouterr().err
+    assert "resources.gpu: 0.25 asked per trial but this machine has no CUDA device" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_cuda_index_beyond_a_trials_gpus(tmp_path, capsys):
+    """train.device: cuda:1 with one GPU per trial names what a trial sees (Ray renumbers from 0)."""
+    path = write(tmp_path, BASE + "resources: {gpu: 1}\n")
+    assert main(["run", str(path), "--dry-run", "--set", "train.device=cuda:1"]) == 2
+    assert "train.device: cuda:1 but a trial sees 1 GPU (cuda:0: Ray numbers" in capsys.readouterr().err
 
 
 def test_override_errors_name_set(tmp_path, capsys):

@@ -143,3 +143,92 @@ def test_core_imports_no_orchestration():
     code = ("import sys, vqstudy.train, vqstudy.cli, vqstudy.metrics;"
             "bad = [m for m in ('ray', 'optuna', 'mlflow') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the loop on a device: no host reads between evaluations, precision, compile -------------
+HOST_READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")
+
+
+@pytest.mark.parametrize("name", ["vq", "simvq", "fsq", "lfq"])
+def test_no_host_read_between_evaluations(name, monkeypatch):
+    """A quickstart-sized trial reads nothing back from its device between evaluations (on
+    CUDA each read would wait for the queue to drain): every .item()/.cpu()/... outside the
+    evaluation is counted, and the only one allowed per evaluation is the summed loss."""
+    import vqstudy.train as core
+
+    reads, evaluating = [], []
+    for method in HOST_READS:
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *a, _original=original, _method=method, **k):
+            if not evaluating:
+                reads.append(_method)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    real_evaluate = core.evaluate
+
+    def evaluate(*a, **k):
+        evaluating.append(True)
+        try:
+            return real_evaluate(*a, **k)
+        finally:
+            evaluating.clear()
+    monkeypatch.setattr(core, "evaluate", evaluate)
+    cfg = tiny_config(**{"quantizer.name": name, "quantizer.codebook_size": 1024, "data.dim": 16,
+                         "model.latent_dim": 8, "train.batch_size": 256, "train.steps": 60, "train.eval_every": 20,
+                         **({"quantizer.levels": [8, 8, 4, 4]} if name == "fsq" else {})})
+    monkeypatch.setattr(core, "prepare", _counting_prepare(core.prepare, reads, evaluating))
+    train(cfg)
+    assert reads == ["item"] * 3, reads
+
+
+def _counting_prepare(prepare, reads, evaluating):
+    """Model building and data loading happen once, before the loop: not counted."""
+    def wrapped(cfg):
+        evaluating.append(True)
+        try:
+            return prepare(cfg)
+        finally:
+            evaluating.clear()
+    return wrapped
+
+
+def test_bf16_autocasts_the_model_but_not_the_quantizer():
+    """train.precision: bf16 runs the encoder in bfloat16 and hands the quantizer float32."""
+    cfg = tiny_config(**{"train.precision": "bf16"})
+    seen = []
+    from vqstudy.models import VQAutoencoder
+
+    original = VQAutoencoder.quantize
+
+    def spy(self, z_e):
+        seen.append(z_e.dtype)
+        out = original(self, z_e)
+        seen.append(out.z_q.dtype)
+        return out
+    VQAutoencoder.quantize = spy
+    try:
+        metrics = train(cfg)
+    finally:
+        VQAutoencoder.quantize = original
+    assert torch.bfloat16 in seen[::2] and set(seen[1::2]) == {torch.float32}
+    assert torch.isfinite(torch.tensor(metrics["recon_mse"]))
+
+
+def test_cuda_where_there_is_none_is_a_config_error():
+    """train.device: cuda on a machine without CUDA: one ConfigError naming what it has."""
+    from vqstudy.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match=r"train.device: cuda:1 asked but this machine has no CUDA device"):
+        train(tiny_config(**{"train.device": "cuda:1"}))
+
+
+@pytest.mark.slow
+def test_compiled_trial_matches_eager():
+    """train.compile: the compiled encoder/decoder train to the eager trial's metrics."""
+    cfg = tiny_config(**{"train.steps": 20})
+    eager, compiled = train(cfg), train(cfg.with_overrides(["train.compile=true"]))
+    for key in ("recon_mse", "utilization", "perplexity"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), key

@@ -46,7 +46,7 @@ _ALL = [
            "(embedding collapse)", "effective dim of encoder outputs (PCs for 99% var.)", "max"),
     Metric("codebook_effective_dim", "the same for the codes", "effective dim of the codes (PCs for 99% var.)",
            "max"),
-    Metric("train_loss", "last training batch's total loss", "training loss", "min"),
+    Metric("train_loss", "mean total training loss over the steps since the last evaluation", "training loss", "min"),
     Metric("train_time_s", "wall time of the trial's training so far", "training time (s)", unit="s"),
     Metric("samples_per_s", "training throughput", "training samples / s", unit="1/s"),
     Metric("reporting_time_s", "time the trial spent in MLflow writes and Tune reports", "reporting time (s)",

@@ -79,7 +79,10 @@ class TrainConfig:
     eval_every: int = spec(250, doc="steps between evaluations (and checkpoints); the last step always evaluates", min=1)
     eval_batch_size: int = spec(1024, doc="examples per forward pass during evaluation", min=1)
     seed: int = spec(0, doc="seed of model init, batch order and codebook restarts", min=0)
-    device: str = spec("auto", doc="auto (cuda when available), cpu, cuda, cuda:N or mps")
+    device: str = spec("auto", doc="auto (cuda when the trial has a GPU, else cpu), cpu, cuda, cuda:N or mps")
+    precision: str = spec("fp32", doc="fp32, or bf16 autocast of encoder and decoder (the quantizer stays fp32)",
+                        choices=("fp32", "bf16"))
+    compile: bool = spec(False, doc="torch.compile the encoder and decoder (minutes of compiling on a CPU)")
 
 
 SECTIONS: dict[str, type] = {

@@ -78,12 +78,6 @@ def gcs_address() -> str | None:
         return None
 
 
-def local_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
-
-
 class DriverLogs:
     """A logging filter on the driver: drops what Tune tells a user of Tune where vqstudy says
     it itself -- at a stop signal (how to stop, `Tuner.restore(...)`, "Trials did not

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from . import preflight, snapshot, tracking
-from .connection import connect, gcs_address, local_gpus, root_cause
+from .connection import connect, gcs_address, root_cause
 from .errors import ConfigError
 from .folder import RAY_DIR, Records, StudyFolder
 from .interrupt import Interrupt
@@ -161,8 +161,8 @@ def run(study: Study, out_dir: Path, address: str | None = None, tracking_uri: s
     """Run a study into `out_dir`; 0 if every trial finished, 1 otherwise."""
     folder = StudyFolder(Path(out_dir).resolve())
     folder.check_new()
-    if study.resources.gpu > 0 and not (address or os.environ.get("RAY_ADDRESS")) and local_gpus() == 0:
-        raise ConfigError(f"{study.source}: resources.gpu: {study.resources.gpu:g} asked but this machine has no GPU")
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        preflight.check_local_gpus(study)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or folder.default_tracking_uri
     preflight.check_tracking_uri(uri)
     # Each study gets its own experiment folder in a shared storage; in its own folder, `ray/`.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor, nn
 
 from .config import TrialConfig
@@ -86,11 +87,16 @@ class VQAutoencoder(nn.Module):
     def decode(self, z_q: Tensor) -> Tensor:
         return self.decoder(z_q.movedim(-1, 1))
 
+    def quantize(self, z_e: Tensor) -> QuantOut:
+        """The quantizer, in float32 also under bf16 autocast (see devices.py for why)."""
+        with torch.autocast(z_e.device.type, enabled=False):
+            return self.quantizer(z_e.float())
+
     def forward(self, x: Tensor, quantize: bool = True) -> tuple[Tensor, Tensor, QuantOut | None]:
         """Returns (x_hat, z_e, quantizer output). With quantize=False (deferred
         quantization's warmup) the quantizer is skipped and the decoder sees z_e."""
         z_e = self.encode(x)
-        out = self.quantizer(z_e) if quantize else None
+        out = self.quantize(z_e) if quantize else None
         x_hat = self.decode(out.z_q if out is not None else z_e)
         return x_hat, z_e, out
 

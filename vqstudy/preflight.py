@@ -11,6 +11,7 @@ about `TIMEOUT_S` seconds: exit code 2, before any compute is spent.
 """
 from __future__ import annotations
 
+import math
 import uuid
 from urllib.parse import urlsplit
 
@@ -19,6 +20,18 @@ from .storage import Storage, clean_probes, probe, probe_seen
 from .study import Study
 
 TIMEOUT_S = 30
+
+
+def check_local_gpus(study: Study) -> None:
+    """A study run on this machine (no cluster) that asks for GPUs: the machine has them.
+    Said before Ray starts, in one line (a trial would otherwise wait for a GPU forever)."""
+    gpu = study.resources.gpu
+    if gpu == 0:
+        return
+    from .devices import describe_gpus, local_gpus
+
+    if local_gpus() < math.ceil(gpu):
+        raise ConfigError(f"{study.source}: resources.gpu: {gpu:g} asked per trial but this machine has {describe_gpus()}")
 
 
 def has_room(node: dict, need: dict[str, float]) -> bool:

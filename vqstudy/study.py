@@ -272,9 +272,15 @@ def _check_cross_rules(study: Study, src: str) -> None:
     _check_grid_size(study, src)
     for point in study.points():  # every grid combination must be a valid trial
         cfg = study.trial_config(point)
-        if cfg.train.device.startswith("cuda") and gpu == 0:
-            raise ConfigError(f"{src}: train.device: {cfg.train.device} but resources.gpu is 0 (a trial sees no GPU "
+        device = cfg.train.device
+        if device.startswith("cuda") and gpu == 0:
+            raise ConfigError(f"{src}: train.device: {device} but resources.gpu is 0 (a trial sees no GPU "
                               f"it was not given); set resources.gpu, or train.device: auto")
+        if device.startswith("cuda:") and int(device[5:]) >= max(1, math.ceil(gpu)):
+            n = max(1, math.ceil(gpu))
+            raise ConfigError(f"{src}: train.device: {device} but a trial sees {n} GPU{'s' if n > 1 else ''} (cuda:0"
+                              f"{f' to cuda:{n - 1}' if n > 1 else ''}: Ray numbers a trial's own GPUs from 0); "
+                              f"use cuda or auto")
 
 
 def _check_grid_size(study: Study, src: str) -> None:

@@ -8,6 +8,12 @@ receives the report can attach the checkpoint that matches it. After the last ev
 (and before its report) `on_end(Trained)` hands the caller the model, data and final code
 counts that train() holds anyway, so per-trial figures need no second model or dataset.
 
+On a GPU the small models of a scaling sweep would spend their time waiting, so the loop
+keeps the data on the trial's device (moved once; batches indexed there by a generator
+that lives there too), reads nothing back between evaluations (the loss is summed on the
+device and read at the next one), uses Adam's fused kernel, and takes `train.precision`
+(bf16 autocast; the quantizer stays fp32, see devices.py) and `train.compile`.
+
 Deferred quantization ("Early Quantization Shrinks Codebook"): for
 `quantizer.warmup_steps` steps the model trains as a continuous autoencoder, then (with
 `quantizer.init: kmeans`) the codebook is k-means-initialized on encoder outputs and
@@ -15,6 +21,7 @@ quantization begins. `warmup_steps: 0` + `kmeans` is early quantization on an un
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -27,6 +34,7 @@ import torch.nn.functional as F
 
 from .config import TrialConfig
 from .data import Dataset, load_dataset, to_float
+from .devices import autocast, resolve, synchronize
 from .metrics import EvalAccumulator, codebook_covariance
 from .models import VQAutoencoder, build_model
 
@@ -46,22 +54,20 @@ class Trained:
 
 
 class Diverged(RuntimeError):
-    """A non-finite loss: training stopped at `step`; `metrics` are the last evaluated ones."""
+    """A non-finite loss: training stopped at the evaluation of `step`, the loss having become
+    non-finite at a step from `since` on; `metrics` are the last evaluated ones."""
 
-    def __init__(self, step: int, metrics: dict, loss: float):
-        super().__init__(f"loss became {loss} at step {step}")
+    def __init__(self, step: int, metrics: dict, loss: float, since: int | None = None):
+        where = f"at step {step}" if since in (None, step) else f"between steps {since} and {step}"
+        super().__init__(f"loss became {loss} {where}")
         self.step, self.metrics, self.loss = step, metrics, loss
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def get_batch(x: torch.Tensor, batch_size: int, g: torch.Generator, device) -> torch.Tensor:
-    idx = torch.randint(0, x.shape[0], (batch_size,), generator=g)
-    return to_float(x[idx]).to(device, non_blocking=True)
+def get_batch(x: torch.Tensor, batch_size: int, g: torch.Generator) -> torch.Tensor:
+    """A random batch of the device-resident set x, indexed on its device by the generator g
+    (which lives there too): no host work, no transfer."""
+    idx = torch.randint(0, x.shape[0], (batch_size,), generator=g, device=x.device)
+    return to_float(x[idx])
 
 
 def kmeans_sample_size(k: int) -> int:
@@ -70,13 +76,14 @@ def kmeans_sample_size(k: int) -> int:
 
 
 @torch.no_grad()
-def collect_latents(model: VQAutoencoder, x: torch.Tensor, n: int, batch_size: int, device) -> torch.Tensor:
+def collect_latents(model: VQAutoencoder, x: torch.Tensor, n: int, cfg: TrialConfig, device) -> torch.Tensor:
     """Up to n encoder outputs (n, D) from the training set, in order (deterministic)."""
     model.eval()
     chunks, total = [], 0
-    for i in range(0, x.shape[0], batch_size):
-        z_e = model.encode(to_float(x[i:i + batch_size]).to(device))
-        chunks.append(z_e.reshape(-1, z_e.shape[-1]))
+    for i in range(0, x.shape[0], cfg.train.eval_batch_size):
+        with autocast(device, cfg.train.precision):
+            z_e = model.encode(to_float(x[i:i + cfg.train.eval_batch_size]).to(device))
+        chunks.append(z_e.reshape(-1, z_e.shape[-1]).float())
         total += chunks[-1].shape[0]
         if total >= n:
             break
@@ -86,15 +93,17 @@ def collect_latents(model: VQAutoencoder, x: torch.Tensor, n: int, batch_size: i
 
 @torch.no_grad()
 def eval_pass(model: VQAutoencoder, data: Dataset, cfg: TrialConfig, device, quantize: bool = True) -> EvalAccumulator:
-    """One pass over the whole eval set, accumulated (code counts, moments, errors)."""
+    """One pass over the whole eval set, accumulated (code counts, moments, errors), in the
+    trial's precision: the model is measured as it trains."""
     model.eval()
     acc = EvalAccumulator(model.quantizer.num_codes, cfg.model.latent_dim, data.modality, device)
     for i in range(0, data.eval.shape[0], cfg.train.eval_batch_size):
         x = to_float(data.eval[i:i + cfg.train.eval_batch_size]).to(device)
-        z_e = model.encode(x)
-        out = model.quantizer(z_e)
-        x_hat = model.decode(out.z_q if quantize else z_e)
-        acc.update(x, x_hat, z_e, out.z_q, out.indices)
+        with autocast(device, cfg.train.precision):
+            z_e = model.encode(x)
+            out = model.quantize(z_e)
+            x_hat = model.decode(out.z_q if quantize else z_e)
+        acc.update(x, x_hat.float(), z_e.float(), out.z_q, out.indices)
     model.train()
     return acc
 
@@ -131,15 +140,16 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
+    torch.set_rng_state(state["cpu"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def total_loss(model: VQAutoencoder, x: torch.Tensor, quantize: bool) -> torch.Tensor:
+def total_loss(model: VQAutoencoder, x: torch.Tensor, quantize: bool, precision: str = "fp32") -> torch.Tensor:
     """Reconstruction MSE plus the quantizer's named losses (none during the warmup)."""
-    x_hat, _, out = model(x, quantize=quantize)
-    loss = F.mse_loss(x_hat, x)
+    with autocast(x.device, precision):
+        x_hat, _, out = model(x, quantize=quantize)
+        loss = F.mse_loss(x_hat.float(), x)
     return loss + sum(out.losses.values()) if out is not None else loss
 
 
@@ -150,7 +160,7 @@ def _restore(ckpt_path: Path | None, model, opt, batches: torch.Generator, devic
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
-    batches.set_state(ckpt["batch_rng"])
+    batches.set_state(ckpt["batch_rng"].cpu())     # generator states are CPU byte tensors, also CUDA's
     _set_rng_state(ckpt["rng"])
     return ckpt["state"]
 
@@ -161,19 +171,61 @@ def _save(ckpt_path: Path, model, opt, batches: torch.Generator, state: dict) ->
                                 "batch_rng": batches.get_state(), "rng": _rng_state(), "state": state})
 
 
+class Window:
+    """The steps since the last evaluation: their loss, summed on the device, and their time."""
+
+    def __init__(self, device: torch.device, step: int):
+        self.device, self.loss = device, torch.zeros((), device=device)
+        self.reset(step)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss.detach()
+
+    def close(self, step: int, metrics: dict) -> tuple[float, float]:
+        """(mean loss, seconds) of the steps up to `step`: the one read from the device per
+        evaluation; Diverged (with the last evaluated `metrics`) when the loss is not finite."""
+        synchronize(self.device)
+        seconds = time.perf_counter() - self.start
+        mean = self.loss.item() / (step - self.first + 1)
+        if not math.isfinite(mean):
+            raise Diverged(step, metrics, mean, self.first)
+        return mean, seconds
+
+    def reset(self, step: int) -> None:
+        self.loss.zero_()
+        self.start, self.first = time.perf_counter(), step + 1
+
+
+def prepare(cfg: TrialConfig) -> tuple[VQAutoencoder, Dataset, torch.device]:
+    """The trial's model and data, both on its device (the data moved once; every batch is
+    then indexed there), the encoder and decoder compiled if asked."""
+    device = resolve(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    data = load_dataset(cfg.data)
+    data = dataclasses.replace(data, train=data.train.to(device), eval=data.eval.to(device))
+    model = build_model(cfg, data).to(device)
+    if cfg.train.compile:   # the quantizer stays eager: its chunked searches and restarts are data-dependent
+        model.encoder.compile()
+        model.decoder.compile()
+    return model, data, device
+
+
 def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | Path | None = None,
           on_end: Callable[[Trained], None] | None = None) -> dict:
     """Train one trial and return its final metrics. Resumes from `checkpoint_dir` when a
     checkpoint is there, ending with the same metrics as an uninterrupted run (CPU).
     `on_end` runs once, after the last evaluation and before its report (a scheduler may
-    stop the trial inside that report), also when a checkpoint of the last step is resumed."""
+    stop the trial inside that report), also when a checkpoint of the last step is resumed.
+
+    Between evaluations nothing waits for the device: the loss is summed where it is computed
+    and read at the next evaluation, which is where a non-finite loss is caught (so a
+    diverged trial stops at the evaluation after it diverged, having written no checkpoint
+    since)."""
     tc, qc = cfg.train, cfg.quantizer
-    device = pick_device(tc.device)
-    torch.manual_seed(tc.seed)
-    data = load_dataset(cfg.data)
-    model = build_model(cfg, data).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
-    batches = torch.Generator().manual_seed(tc.seed)
+    model, data, device = prepare(cfg)
+    # fused: one kernel for all parameters, its step counters on the device (no host reads)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=device.type in ("cpu", "cuda") or None)
+    batches = torch.Generator(device=device).manual_seed(tc.seed)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     state = _restore(ckpt_path, model, opt, batches, device,
                      {"step": 0, "metrics": {}, "codebook_initialized": qc.init != "kmeans",
@@ -181,29 +233,29 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
 
     metrics, counts = state["metrics"], None
     wall_start, wall_before = time.perf_counter(), state["train_time_s"]
+    window = Window(device, state["step"])
     while state["step"] < tc.steps:
-        t0 = time.perf_counter()
         quantize = state["step"] >= qc.warmup_steps
         if quantize and not state["codebook_initialized"]:  # deferred (or early) k-means init
-            z = collect_latents(model, data.train, kmeans_sample_size(qc.codebook_size), tc.eval_batch_size, device)
+            z = collect_latents(model, data.train, kmeans_sample_size(qc.codebook_size), cfg, device)
             model.quantizer.init_from_data(z, qc.kmeans_iters)
             state["codebook_initialized"] = True
 
-        loss = total_loss(model, get_batch(data.train, tc.batch_size, batches, device), quantize)
-        if not math.isfinite(loss.item()):
-            raise Diverged(state["step"] + 1, metrics, loss.item())
+        loss = total_loss(model, get_batch(data.train, tc.batch_size, batches), quantize, tc.precision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        window.add(loss)
         state["step"] += 1
-        state["step_time_s"] += time.perf_counter() - t0
 
         if state["step"] % tc.eval_every == 0 or state["step"] == tc.steps:
+            train_loss, seconds = window.close(state["step"], metrics)
+            state["step_time_s"] += seconds
             evaluated, counts = evaluate(model, data, cfg, device, quantize)
             if not math.isfinite(evaluated["recon_mse"]):
-                raise Diverged(state["step"], metrics, evaluated["recon_mse"])
+                raise Diverged(state["step"], metrics, evaluated["recon_mse"], window.first)
             state["train_time_s"] = wall_before + time.perf_counter() - wall_start
-            metrics = {"step": state["step"], "train_loss": loss.item(), **evaluated,
+            metrics = {"step": state["step"], "train_loss": train_loss, **evaluated,
                        "train_time_s": state["train_time_s"],
                        "samples_per_s": state["step"] * tc.batch_size / max(state["step_time_s"], 1e-9)}
             state["metrics"] = metrics
@@ -213,6 +265,7 @@ def train(cfg: TrialConfig, report: Report | None = None, checkpoint_dir: str | 
                 on_end(Trained(cfg, model, data, device, counts, dict(metrics)))
             if report:
                 report(dict(metrics))
+            window.reset(state["step"])
     if on_end and counts is None:  # resumed at the last step: nothing trained, nothing reported
         counts = eval_pass(model, data, cfg, device).counts
         on_end(Trained(cfg, model, data, device, counts, dict(metrics)))

@@ -41,6 +41,7 @@ class TrialSpec:
     cpu: float                      # torch threads
     checkpoint_interval_s: float
     tune_keys: tuple[str, ...] = ("recon_mse",)   # what the searcher and scheduler read (sweep.metric)
+    gpu: float = 0.0                # GPUs per trial: a trial given none trains on the CPU under train.device: auto
 
     def to_tune(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """A report for Tune: the keys it acts on, everything else packed in one string."""
@@ -120,6 +121,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
 
     torch.set_num_threads(max(1, int(spec.cpu)))
     cfg = TrialConfig.from_dict(_rooted({**spec.base, **config}))
+    if spec.gpu == 0 and cfg.train.device == "auto":   # whatever GPUs the node has belong to other trials
+        cfg = cfg.updated({"train.device": "cpu"})
     work = Path(tempfile.mkdtemp(prefix=f"vqstudy-{tune.get_context().get_trial_id()}-"))
     try:
         reporter = Reporter(spec, work, cfg.train.steps, _restore_work(work))

@@ -19,6 +19,7 @@ def trainable(study: Study):
     from ray import tune
 
     spec = TrialSpec(base=study.base.to_flat(), artifacts=study.tracking.artifacts, cpu=study.resources.cpu,
+                     gpu=study.resources.gpu,
                      checkpoint_interval_s=study.sweep.checkpoint_interval_s, tune_keys=tuple(study.sweep.metric))
     resources = {"cpu": study.resources.cpu, "gpu": study.resources.gpu}
     return tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources)

@@ -53,14 +53,12 @@ class EMAVQ(nn.Module):
     @torch.no_grad()
     def _restart_dead(self, flat: Tensor) -> None:
         """Codes whose EMA usage fell below the threshold jump to random batch vectors."""
-        dead = self.cluster_size < self.dead_code_threshold
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return
-        fresh = sample_rows(flat, n_dead)
-        self.embedding[dead] = fresh
-        self.cluster_size[dead] = self.dead_code_threshold
-        self.embed_sum[dead] = fresh * self.dead_code_threshold
+        dead = (self.cluster_size < self.dead_code_threshold)[:, None]     # (K, 1)
+        fresh = sample_rows(flat, self.embedding.shape[0])                  # (K, D): one candidate per code
+        # Written with where, not by counting the dead codes: a count would wait for the device every step.
+        self.embedding.copy_(torch.where(dead, fresh, self.embedding))
+        self.cluster_size.copy_(torch.where(dead[:, 0], self.dead_code_threshold, self.cluster_size))
+        self.embed_sum.copy_(torch.where(dead, fresh * self.dead_code_threshold, self.embed_sum))
 
     def decode(self, indices: Tensor) -> Tensor:
         return F.embedding(indices, self.embedding)
