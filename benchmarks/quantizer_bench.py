@@ -118,10 +118,11 @@ def measure_cell(method: str, n: int, dim: int, k: int, repeats: int) -> dict:
     return {"ms": 1000 * statistics.median(times), "peak_mb": max(peak, 0) / 2**20, "device": str(device)}
 
 
-def run_cell(method: str, n: int, dim: int, k: int, repeats: int) -> dict:
+def run_cell(method: str, n: int, dim: int, k: int, repeats: int, env: dict | None = None) -> dict:
+    """One cell in a fresh process (its peak memory its own); `env` e.g. hides CUDA."""
     cmd = [sys.executable, __file__, "--cell", method, "--n", str(n), "--dim", str(dim),
            "--ks", str(k), "--repeats", str(repeats)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode < 0:
         return {"error": f"killed by signal {-r.returncode} (out of memory?)"}
     if r.returncode != 0:
