@@ -53,6 +53,8 @@ def test_train_with_config_file_prints_a_table(tmp_path):
     (["train", "--set", "train.steps"], "expected key=value"),
     (["train", "--config", "missing.yaml"], "missing.yaml: cannot read"),
     (["train", "--set", "data.name=mnist", "--set", "data.root=/nonexistent"], "data.root: MNIST not found"),
+    (["train", "--set", "train.device=cuda:7"], "train.device: cuda:7 asked but this machine has"),
+    (["train", "--set", "train.precision=fp16"], "train.precision: 'fp16' is not one of fp32, bf16"),
     (["fly"], "invalid choice: 'fly'"),
     ([], "the following arguments are required"),
 ])
