@@ -154,9 +154,9 @@ def _children_with(out, status: str) -> int:
 
 def test_killed_driver_then_resume(tmp_path, ray_address):
     """The driver is SIGKILLed mid-study; `resume` finishes it with exactly one FINISHED child run per trial."""
-    sizes = [8, 16, 32, 64, 128, 256]  # enough work that the kill lands mid-study even on a loaded machine
-    path = tiny_study(tmp_path, name="resumable", sweep={"grid": {"quantizer.codebook_size": sizes}},
-                      base={"train": {"steps": 400, "eval_every": 50, "device": "cpu"}})
+    sizes = [8, 16, 32, 64, 128, 256]  # enough work that the kill lands mid-study even on a loaded machine:
+    path = tiny_study(tmp_path, name="resumable", sweep={"grid": {"quantizer.codebook_size": sizes}},   # ~2 s a trial
+                      base={"train": {"steps": 2000, "eval_every": 200, "device": "cpu"}})
     out = tmp_path / "out"
     proc = _driver(path, out, ray_address)
     _wait_for(lambda: _children_with(out, "FINISHED") >= 1, 120, "a finished trial")
