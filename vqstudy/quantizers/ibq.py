@@ -90,15 +90,19 @@ class SoftAssignment(torch.autograd.Function):
         # sum_k p1 g1 = grad_soft . soft and p1 = e / norm: the 1 / norm is taken on (N, D) here.
         scaled = grad_soft / norm[:, None]
         offset = (scaled * soft).sum(1, keepdim=True)
+        # (rows, K) buffers reused block to block: a fresh 16 MiB block is fresh pages each time
+        g1, d_buf, e_buf = (z.new_empty(min(rows, n), codebook.shape[0]) if j == 0 or not ctx.keep else None
+                            for j in range(3))
         for i in range(0, n, rows):
             zi = z[i:i + rows]
+            size = zi.shape[0]
             d = None
             if ctx.keep:
                 e = kept[0][i:i + rows]
-            else:
-                d = torch.addmm(-m[i:i + rows, None], zi, codebook.t())                # recomputed
-                e = d.exp()
-            grad_s = (scaled[i:i + rows] @ codebook.t()).sub_(offset[i:i + rows]).mul_(e)
+            else:                                                                      # recomputed
+                d = torch.addmm(-m[i:i + rows, None], zi, codebook.t(), out=d_buf[:size])
+                e = torch.exp(d, out=e_buf[:size])
+            grad_s = torch.mm(scaled[i:i + rows], codebook.t(), out=g1[:size]).sub_(offset[i:i + rows]).mul_(e)
             tempered.backward_block(i, grad_s, d, zi, codebook, m)
             grad_z[i:i + rows] = grad_s @ codebook
             grad_c.addmm_(grad_s.t(), zi)
