@@ -21,6 +21,7 @@ from vqstudy.cli import main
 from vqstudy.folder import RAY_DIR, RECORDS_FILE, STUDY_FILE, StudyFolder
 from vqstudy.outcome import Outcome
 from vqstudy.study import load_study
+from vqstudy.tables import sweep_summary
 from vqstudy.train import train
 
 from .conftest import tiny_study
@@ -61,6 +62,23 @@ def test_two_trials_end_to_end(tmp_path, capsys):
         assert child.data.tags["vqstudy.study"] == "tiny" and child.data.tags["vqstudy.trial_id"]
         assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["code_usage.png"]
     assert main(["status", str(out)]) == 0
+
+    # what a person sees in the MLflow UI: runs named by what varies, a described parent
+    assert sorted(c.info.run_name for c in children) == ["simvq seed=0", "vq seed=0"]
+    parent, experiment = parents[0], client.get_experiment_by_name("tiny")
+    assert parent.data.tags["mlflow.note.content"].endswith(sweep_summary(study))
+    assert parent.data.tags["vqstudy.sweep"] == "quantizer.name (vq, simvq) x 1 seed: 2 trials, 60 steps"
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["study.yaml"]
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    assert link in printed
+    # a run's start and end are its trial's (the ledger's times), not those of the batched write
+    from vqstudy.ledger import replay
+    records = replay(out / "ledger.jsonl")
+    for child in children:
+        record = records[child.data.tags["vqstudy.trial_id"]]
+        assert abs(child.info.start_time - record.started_at * 1000) <= 1     # the ledger keeps ms
+        assert abs(child.info.end_time - record.ended_at * 1000) <= 1
 
 
 def test_existing_folder_is_refused(tmp_path):

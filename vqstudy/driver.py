@@ -26,14 +26,14 @@ from pathlib import Path
 from . import preflight, snapshot, tracking
 from .connection import connect, gcs_address, root_cause
 from .errors import ConfigError
-from .folder import RAY_DIR, Records, StudyFolder
+from .folder import RAY_DIR, STUDY_FILE, Records, StudyFolder
 from .interrupt import Interrupt
 from .ledger import Ledger
 from .outcome import all_ok
 from .recorder import Committer, Projector, audit, make_recorder, project
 from .storage import Storage, check_uri, clear, prune_checkpoints
 from .study import Study
-from .tables import format_table, outcome_summary, status_columns
+from .tables import format_table, outcome_summary, status_columns, sweep_summary
 from .tuner import _trial_dirname, new_tuner, restored_tuner, set_state_period  # noqa: F401
 from .watch import ClusterWatch
 
@@ -128,6 +128,7 @@ def _settle(study: Study, folder: StudyFolder, records: Records, projector: Proj
     print(f"\n{study.name}: {outcome_summary(rows, study.num_trials)}"
           f"{f'; {len(problems)} missing from MLflow' if problems else ''}; study folder {folder.root}; "
           f"MLflow {records.tracking_uri}")
+    print(tracking.view_hint(records.tracking_uri, records.experiment_id))
     return ok
 
 
@@ -146,10 +147,15 @@ def _prepare(study: Study, folder: StudyFolder, uri: str, storage_uri: str | Non
     trial: this also creates the SQLite schema once instead of racing in every trial)."""
     folder.write_study(study)
     local = uri.startswith("sqlite:") or uri.startswith("file:")
-    experiment_id = tracking.ensure_experiment(uri, study.experiment, folder.artifact_root if local else None)
+    experiment_id = tracking.ensure_experiment(uri, study.experiment, folder.artifact_root if local else None,
+                                               study.description)
     params = {"study.num_trials": study.num_trials, "study.grid": json.dumps(study.grid),
               "study.repeats": study.sweep.repeats, "study.metric": ",".join(study.sweep.metric)}
-    parent = tracking.start_parent(uri, experiment_id, study.name, tracking.base_tags(study.name, study.path), params)
+    summary = sweep_summary(study)
+    tags = {**tracking.base_tags(study.name, study.path), "vqstudy.sweep": summary,
+            tracking.NOTE_TAG: f"{study.description}\n\n{summary}".strip()}
+    parent = tracking.start_parent(uri, experiment_id, study.name, tags, params)
+    tracking.log_artifacts(uri, parent, [folder.root / STUDY_FILE])
     records = Records(uri, experiment_id, parent, str(study.path.resolve()) if study.path else None,
                       storage=storage_uri, experiment_dir=storage.name)
     folder.write_records(records)

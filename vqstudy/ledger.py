@@ -37,6 +37,9 @@ class TrialRecord:
     outcome: str | None = None                             # set once it ended
     reason: str | None = None
     stopped_at: int | None = None
+    started_at: float | None = None                        # when the driver saw these events (epoch s)
+    result_times: list[float | None] = field(default_factory=list)
+    ended_at: float | None = None
 
     @property
     def last_step(self) -> int:
@@ -165,10 +168,11 @@ def replay(path: Path) -> dict[str, TrialRecord]:
         t = trials.setdefault(r["trial"], TrialRecord(r["trial"]))
         op = r["op"]
         if op == "start":
-            t.name, t.config = r["name"], r["config"]
+            t.name, t.config, t.started_at = r["name"], r["config"], r.get("t")
             t.outcome = t.reason = t.stopped_at = None   # a resumed trial runs again
         elif op == "result":
             t.results.append(r["metrics"])
+            t.result_times.append(r.get("t"))
         elif op == "restored":
             t.restored_at = r["step"]
         elif op == "recover":
@@ -179,5 +183,6 @@ def replay(path: Path) -> dict[str, TrialRecord]:
             t.figures = r["paths"]
         elif op == "end":
             t.outcome, t.reason, t.stopped_at = r["outcome"], r.get("reason"), r.get("stopped_at")
+            t.ended_at = r.get("t")
             t.failures += t.outcome == "failed"
     return trials

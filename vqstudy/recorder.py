@@ -26,6 +26,7 @@ from .catalogue import METRICS
 from .ledger import Ledger, TrialRecord, replay
 from .outcome import Outcome, from_ray
 from .study import Study
+from .tables import trial_label
 from .trainable import FIGURES_DIR, unpack
 
 
@@ -39,40 +40,43 @@ class Projector:
         self.runs: dict[str, tracking.TrialRun] = {}
         self.run_ids: dict[str, str] | None = None   # trial id -> child run id, read once
 
-    def started(self, trial_id: str, name: str, config: dict) -> None:
+    # `at`: when the driver saw the event (the ledger's time), so that a run's start, end and
+    # metric times in MLflow are the trial's own, not those of the batched write.
+    def started(self, trial_id: str, name: str, config: dict, at: float | None = None) -> None:
         if self.run_ids is None:
             self.run_ids = tracking.child_run_ids(self.uri, self.experiment_id, self.parent)
         run = tracking.TrialRun.open(self.uri, self.experiment_id, self.parent, trial_id, name,
-                                     {**self.base, **config}, self.tags, self.run_ids.get(trial_id))
+                                     {**self.base, **config}, self.tags, self.run_ids.get(trial_id), at)
         self.runs[trial_id], self.run_ids[trial_id] = run, run.run_id
 
-    def result(self, trial_id: str, metrics: dict) -> None:
+    def result(self, trial_id: str, metrics: dict, at: float | None = None) -> None:
         run = self.runs[trial_id]
         if metrics["step"] > run.logged_step:   # a retry or a resume may redo steps MLflow already holds
-            run.log(metrics, metrics["step"])
+            run.log(metrics, metrics["step"], at)
 
-    def restored(self, trial_id: str, step: int) -> None:
+    def restored(self, trial_id: str, step: int, at: float | None = None) -> None:
         self.runs[trial_id].restored_at(step)
 
-    def figures(self, trial_id: str, paths: list[str]) -> None:
+    def figures(self, trial_id: str, paths: list[str], at: float | None = None) -> None:
         tracking.log_artifacts(self.uri, self.runs[trial_id].run_id, [self.root / p for p in paths])
 
-    def ended(self, trial_id: str, outcome: str, reason: str | None, stopped_at: int | None) -> None:
-        self.runs.pop(trial_id).end(Outcome(outcome), reason, stopped_at)   # a resume reopens it
+    def ended(self, trial_id: str, outcome: str, reason: str | None, stopped_at: int | None,
+              at: float | None = None) -> None:
+        self.runs.pop(trial_id).end(Outcome(outcome), reason, stopped_at, at)   # a resume reopens it
 
     def replay(self, record: TrialRecord, closed: dict[str, tuple[str, int]]) -> None:
         """Bring one trial's run up to what the ledger says (skipped when MLflow already has it all)."""
         if record.outcome and closed.get(record.trial_id) == (record.outcome, record.last_step):
             return
-        self.started(record.trial_id, record.name, record.config)
-        for metrics in record.results:
-            self.result(record.trial_id, metrics)
+        self.started(record.trial_id, record.name, record.config, record.started_at)
+        for metrics, at in zip(record.results, record.result_times):
+            self.result(record.trial_id, metrics, at)
         if record.restored_at is not None:
             self.restored(record.trial_id, record.restored_at)
         if record.outcome:
             if record.figures:
                 self.figures(record.trial_id, record.figures)
-            self.ended(record.trial_id, record.outcome, record.reason, record.stopped_at)
+            self.ended(record.trial_id, record.outcome, record.reason, record.stopped_at, record.ended_at)
 
 
 def _metrics(result: dict) -> dict[str, Any]:
@@ -121,9 +125,9 @@ class Committer:
         for t, event, args in batch:
             self.ledger.write_at(t, event, *args)
         self.last = snapshot.save(self.staging, self.state_dir, self.ledger.sync(), self.last)
-        for _, event, args in batch:
+        for t, event, args in batch:
             if hasattr(self.projector, event):
-                self.pending.append(self.writer.submit(getattr(self.projector, event), *args))
+                self.pending.append(self.writer.submit(getattr(self.projector, event), *args, at=t))
         if len(self.pending) >= 1000:   # keep only the writes not yet done
             self.pending = [f for f in self.pending if not f.done()]
 
@@ -173,7 +177,8 @@ def make_recorder(study: Study, committer: Committer, interrupt=None, watch=None
 
         def on_trial_start(self, iteration, trials, trial, **info):
             committer.staging = Path(trial.storage.experiment_driver_staging_path)
-            committer.record("started", trial.trial_id, str(trial), dict(trial.config))
+            config = dict(trial.config)
+            committer.record("started", trial.trial_id, trial_label(study, config) or str(trial), config)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             result = unpack(result)

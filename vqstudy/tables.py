@@ -1,5 +1,6 @@
-"""Plain-text tables for people: the dry-run's trial list, the status table, and the one
-number formatter every printed table, progress line and report sentence uses."""
+"""Plain-text tables for people: the dry-run's trial list, the status table, the one
+number formatter every printed table, progress line and report sentence uses, and the
+names people see for trials and sweeps (MLflow run names, the parent run's summary)."""
 from __future__ import annotations
 
 import math
@@ -18,6 +19,36 @@ def fmt(value: Any, digits: int = 4) -> str:
             return f"{value:,.0f}"
         return f"{value:.{digits}g}"
     return str(value)
+
+
+SHORT_KEYS = {"quantizer.codebook_size": "K", "model.latent_dim": "D", "train.seed": "seed"}   # in trial names
+
+
+def _short(value: Any) -> str:
+    """A swept value as a name shows it: 3 significant digits for floats, lists joined by commas."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def trial_label(study: Study, config: dict[str, Any]) -> str:
+    """A trial's name (its MLflow run's): what its study varies, e.g. 'simvq K=1024 seed=0'."""
+    keys = [k for k in study.varied_keys if k in config]
+    keys += ["train.seed"] if "train.seed" in config and "train.seed" not in keys else []
+    return " ".join(str(config[k]) if k == "quantizer.name" else f"{SHORT_KEYS.get(k, k.rsplit('.', 1)[1])}="
+                    f"{_short(config[k])}" for k in keys)
+
+
+def sweep_summary(study: Study) -> str:
+    """One line: what the study sweeps, e.g. 'quantizer.name (vq, simvq) x quantizer.codebook_size
+    (16, 64, 256, 1024) x 1 seed: 8 trials, 9,600 steps'."""
+    parts = [f"{k} ({', '.join(_short(v) for v in values)})" for k, values in study.grid.items()]
+    parts += [f"{k} searched" for k in (study.search.space if study.search else {})]
+    seeds = study.sweep.repeats
+    return (" x ".join(parts + [f"{seeds} seed{'s' if seeds > 1 else ''}"])
+            + f": {study.num_trials} trials, {study.total_steps():,} steps")
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

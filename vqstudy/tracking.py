@@ -57,15 +57,38 @@ def base_tags(study_name: str, study_path: Path | None) -> dict[str, str]:
     return tags
 
 
-def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
+NOTE_TAG = "mlflow.note.content"            # the description the UI shows on a run or experiment
+# What the UI should take the experiment for: model training (its run table and charts), not
+# GenAI (traces and token usage, MLflow 3's default view).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+UI_QUERY = "?workflowType=machine_learning"  # the same, per browser: every link vqstudy gives carries it
+
+
+def ensure_experiment(uri: str, name: str, artifact_root: Path | None, description: str = "") -> str:
     """Create (or find) the study's experiment in the driver, before any trial starts:
     that also creates the SQLite schema once instead of racing in every trial."""
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = artifact_root.resolve().as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    if exp is None:
+        location = artifact_root.resolve().as_uri() if artifact_root else None
+        experiment_id = client.create_experiment(name, artifact_location=location)
+    else:
+        experiment_id = exp.experiment_id
+    for key, value in {**EXPERIMENT_TAGS, **({NOTE_TAG: description} if description else {})}.items():
+        client.set_experiment_tag(experiment_id, key, value)
+    return experiment_id
+
+
+def ui_link(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's run list in the MLflow UI, in its model-training view."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs{UI_QUERY}"
+
+
+def view_hint(uri: str, experiment_id: str) -> str:
+    """How to look at a study's runs: its server's page, or the command that serves a local store."""
+    if uri.startswith(("http://", "https://")):
+        return f"runs at {ui_link(experiment_id, uri)}"
+    return f"see the runs: mlflow ui --backend-store-uri {uri}, then open {ui_link(experiment_id)}"
 
 
 def relocate_artifacts(db: Path, old: Path, new: Path) -> None:
@@ -102,11 +125,16 @@ def start_parent(uri: str, experiment_id: str, run_name: str, tags: dict[str, st
     return run.info.run_id
 
 
-def _terminate(client, run_id: str, outcome: Outcome, reason: str | None = None) -> None:
+def _ms(at: float | None) -> int:
+    """Epoch seconds (None: now) as MLflow's epoch milliseconds."""
+    return int((time.time() if at is None else at) * 1000)
+
+
+def _terminate(client, run_id: str, outcome: Outcome, reason: str | None = None, at: float | None = None) -> None:
     client.set_tag(run_id, OUTCOME_TAG, outcome.value)
     if reason:
         client.set_tag(run_id, FAILURE_TAG, reason[:5000])
-    client.set_terminated(run_id, status=mlflow_status(outcome))
+    client.set_terminated(run_id, status=mlflow_status(outcome), end_time=_ms(at))
 
 
 def close_study(uri: str, experiment_id: str, parent_run_id: str, status: str) -> None:
@@ -178,7 +206,8 @@ class TrialRun:
 
     @classmethod
     def open(cls, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, run_name: str,
-             params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> "TrialRun":
+             params: dict[str, Any], tags: dict[str, str], run_id: str | None = None,
+             at: float | None = None) -> "TrialRun":
         """Reopen `run_id` (the trial's run from an earlier attempt), else create the run.
         The caller knows which (`child_run_ids` once per driver): a search per trial would
         scan an experiment that grows with the study."""
@@ -192,7 +221,7 @@ class TrialRun:
             history = client.get_metric_history(run_id, "step")
             return cls(client, run_id, logged_step=max((int(m.value) for m in history), default=0))
         all_tags = {**tags, TRIAL_TAG: trial_id, PARENT_TAG: parent_run_id}
-        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        run = client.create_run(experiment_id, start_time=_ms(at), run_name=run_name, tags=all_tags)
         log_params(client, run.info.run_id, params)
         return cls(client, run.info.run_id)
 
@@ -200,17 +229,18 @@ class TrialRun:
         """This attempt continues from a checkpoint written at `step`."""
         self.client.set_tag(self.run_id, RESTORED_TAG, step)
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        """All of one evaluation's metrics in one write."""
+    def log(self, metrics: dict[str, float], step: int, at: float | None = None) -> None:
+        """All of one evaluation's metrics in one write, stamped `at` (when the driver saw them)."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        when = _ms(at)
+        batch = [Metric(k, float(v), when, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.client.log_batch(self.run_id, metrics=batch)
         self.logged_step = max(step, self.logged_step)
 
-    def end(self, outcome: Outcome, reason: str | None = None, stopped_at: int | None = None) -> None:
+    def end(self, outcome: Outcome, reason: str | None = None, stopped_at: int | None = None,
+            at: float | None = None) -> None:
         """Close the run with the trial's outcome (and the step a scheduler stopped it at)."""
         if stopped_at is not None:
             self.client.set_tag(self.run_id, STOPPED_TAG, stopped_at)
-        _terminate(self.client, self.run_id, outcome, reason)
+        _terminate(self.client, self.run_id, outcome, reason, at)
