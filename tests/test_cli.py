@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -83,6 +84,29 @@ def test_list_names_every_registered_thing(capsys):
     assert code == 0
     for name in [*QUANTIZERS, *DATASETS, "quantizer.codebook_size", "options: beta=0.25"]:
         assert name in out
+    assert "eps=" not in out                       # ema's eps is no config key: nothing can set it
+    from vqstudy.config import describe
+
+    keys = out.split("config keys:\n")[1].splitlines()
+    assert len({line.rindex(doc) for line, (_, _, doc) in zip(keys, describe())}) == 1   # docs in one column
+
+
+def test_set_on_a_swept_key_is_refused(capsys):
+    """--set on a key the study sweeps would be overwritten in every trial: exit 2, named."""
+    code, out, err = run_main(["run", "studies/quickstart.yaml", "--dry-run", "--set", "quantizer.codebook_size=8"],
+                              capsys)
+    assert code == 2 and "--set: quantizer.codebook_size: studies/quickstart.yaml sweeps this key" in err
+
+
+def test_dry_run_into_a_closed_pipe_is_quiet(tmp_path):
+    """`vqstudy run STUDY --dry-run | head -1` on a table longer than the pipe holds: exit 0,
+    nothing on stderr."""
+    study = tmp_path / "long.yaml"
+    study.write_text("name: long\nbase: {train: {steps: 10}}\nsweep: {grid: {quantizer.codebook_size: [16]}, "
+                     "repeats: 3000}\n")
+    r = subprocess.run(f"set -o pipefail; {Path(sys.executable).parent / 'vqstudy'} run {study} --dry-run | head -1",
+                       shell=True, capture_output=True, text=True, executable="/bin/bash")
+    assert r.returncode == 0 and r.stdout.startswith("trial") and r.stderr == ""
 
 
 def test_divergence_exits_1(capsys):

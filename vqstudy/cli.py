@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 import time
 
 from .catalogue import HEADLINE
-from .config import TrialConfig, describe
+from .config import TrialConfig, all_keys, describe
 from .errors import ConfigError
 from .fields import parse_assignments
 from .tables import fmt
@@ -259,9 +260,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .registry import DATASETS
     from .schedulers import SCHEDULERS
 
+    settable = set(all_keys())
     print("quantizers:")
-    for name, cls in QUANTIZERS.items():
-        opts = ", ".join(f"{k}={v}" for k, v in options_of(name).items())
+    for name, cls in QUANTIZERS.items():   # the options a study can set (quantizer.<option>)
+        opts = ", ".join(f"{k}={v}" for k, v in options_of(name).items() if f"quantizer.{k}" in settable)
         print(f"  {name:<8} {_first_line(sys.modules[cls.__module__].__doc__)}")
         print(f"  {'':<8} options: {opts}")
     print("datasets:")
@@ -273,8 +275,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:<8} {_first_line(cls.__doc__)}" + (f"\n  {'':<8} options: {opts}" if opts else ""))
     if args.keys:
         print("config keys:")
-        for key, default, doc in describe():
-            print(f"  {key:<28} {str(default):<17} {doc}")
+        rows = [(key, "null" if default is None else str(default), doc) for key, default, doc in describe()]
+        width = [max(len(row[i]) for row in rows) for i in (0, 1)]
+        for key, default, doc in rows:
+            print(f"  {key:<{width[0]}}  {default:<{width[1]}}  {doc}")
     return 0
 
 
@@ -288,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\nvqstudy: interrupted\n")
         return 130
+    except BrokenPipeError:   # `vqstudy ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing more to flush at exit
+        return 0
     except OSError as e:   # a full disk, a read-only mount: what failed where, in one line
         where = f"{e.filename}: " if e.filename else ""
         code = f" [{errno.errorcode.get(e.errno, e.errno)}]" if e.errno else ""

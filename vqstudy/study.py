@@ -248,6 +248,10 @@ def parse_study(raw: Any, path: Path | None = None, overrides: dict[str, Any] | 
     study = Study(name=name, path=path, base=base, description=description, **_parse_sweep(sweep, src),
                   resources=parse_section(Resources, raw.get("resources"), f"{src}: resources"),
                   tracking=parse_section(TrackingSettings, raw.get("tracking"), f"{src}: tracking"))
+    swept = sorted(set(overrides or {}) & (set(study.grid) | set(study.search.space if study.search else {})))
+    if swept:   # the sweep would overwrite it in every trial
+        where = "sweep.grid" if swept[0] in study.grid else "sweep.search"
+        raise ConfigError(f"--set: {swept[0]}: {src} sweeps this key ({where}); change its values there")
     _check_cross_rules(study, src)
     return study
 
