@@ -139,7 +139,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     study = load_study(args.study, parse_assignments(args.overrides) if args.overrides else None)
     if args.dry_run:
-        _check_resources(study, args.address)
+        from .preflight import check_gpus_asked
+
+        check_gpus_asked(study, args.address)
         print(format_table(trial_table(study)))
         print(f"\n{study.name}: {study.num_trials} trials, {study.total_steps():,} training steps in total")
         return 0
@@ -150,24 +152,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.analyze:
         code = max(code, cmd_analyze(argparse.Namespace(dir=str(out))))
     return code
-
-
-def _check_resources(study, address: str | None) -> None:
-    """A dry run refuses what a run would: GPUs this machine (or the cluster, once joined)
-    does not have. Only a study that asks for GPUs imports torch or joins a cluster here."""
-    import os
-
-    from . import preflight
-
-    if study.resources.gpu == 0:
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        from .connection import connect
-
-        connect(address)
-        preflight.trial_nodes(study)
-    else:
-        preflight.check_local_gpus(study)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ about `TIMEOUT_S` seconds: exit code 2, before any compute is spent.
 from __future__ import annotations
 
 import math
+import os
 import uuid
 from urllib.parse import urlsplit
 
@@ -32,6 +33,20 @@ def check_local_gpus(study: Study) -> None:
 
     if local_gpus() < math.ceil(gpu):
         raise ConfigError(f"{study.source}: resources.gpu: {gpu:g} asked per trial but this machine has {describe_gpus()}")
+
+
+def check_gpus_asked(study: Study, address: str | None) -> None:
+    """What a dry run refuses of a run: GPUs this machine, or the cluster once joined, does not
+    have. Only a study that asks for GPUs imports torch or joins a cluster here."""
+    if study.resources.gpu == 0:
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        from .connection import connect
+
+        connect(address)
+        trial_nodes(study)
+    else:
+        check_local_gpus(study)
 
 
 def has_room(node: dict, need: dict[str, float]) -> bool:

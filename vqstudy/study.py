@@ -248,10 +248,9 @@ def parse_study(raw: Any, path: Path | None = None, overrides: dict[str, Any] | 
     study = Study(name=name, path=path, base=base, description=description, **_parse_sweep(sweep, src),
                   resources=parse_section(Resources, raw.get("resources"), f"{src}: resources"),
                   tracking=parse_section(TrackingSettings, raw.get("tracking"), f"{src}: tracking"))
-    swept = sorted(set(overrides or {}) & (set(study.grid) | set(study.search.space if study.search else {})))
-    if swept:   # the sweep would overwrite it in every trial
-        where = "sweep.grid" if swept[0] in study.grid else "sweep.search"
-        raise ConfigError(f"--set: {swept[0]}: {src} sweeps this key ({where}); change its values there")
+    for key in sorted(set(overrides or {}) & {*study.grid, *(study.search.space if study.search else ())}):
+        raise ConfigError(f"--set: {key}: {src} sweeps this key (sweep.{'grid' if key in study.grid else 'search'}); "
+                          f"change its values there")
     _check_cross_rules(study, src)
     return study
 
@@ -280,8 +279,7 @@ def _check_cross_rules(study: Study, src: str) -> None:
         if device.startswith("cuda") and gpu == 0:
             raise ConfigError(f"{src}: train.device: {device} but resources.gpu is 0 (a trial sees no GPU "
                               f"it was not given); set resources.gpu, or train.device: auto")
-        if device.startswith("cuda:") and int(device[5:]) >= max(1, math.ceil(gpu)):
-            n = max(1, math.ceil(gpu))
+        if device.startswith("cuda:") and int(device[5:]) >= (n := max(1, math.ceil(gpu))):
             raise ConfigError(f"{src}: train.device: {device} but a trial sees {n} GPU{'s' if n > 1 else ''} (cuda:0"
                               f"{f' to cuda:{n - 1}' if n > 1 else ''}: Ray numbers a trial's own GPUs from 0); "
                               f"use cuda or auto")
