@@ -46,8 +46,14 @@ def test_two_trials_end_to_end(tmp_path, capsys):
     study = load_study(path)
     out = tmp_path / "out"
     assert driver.run(study, out) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "tiny: 2 finished (of 2)" in printed and "finished" in printed.splitlines()[1]
+    err = captured.err.splitlines()      # progress: a first line at once, a line per start and end
+    assert err[0].startswith("tiny: 2 trials into") and err[0].endswith("starting Ray...")
+    progress = [line for line in err if line.startswith("[")]
+    assert sum(" started " in line for line in progress) == 2 and sum(" finished " in line for line in progress) == 2
+    assert progress[-1].startswith("[2/2]") and progress[-1].endswith("(0 running, 0 pending)")
 
     client, parents, children = mlflow_runs(out, "tiny")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -97,7 +103,10 @@ def test_diverging_trial_fails_alone(tmp_path, capsys):
                       base={"train": {"steps": 30, "eval_every": 1, "device": "cpu"}})
     out = tmp_path / "out"
     assert driver.run(load_study(path), out) == 1
-    assert "diverged" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "diverged" in printed.out
+    ended = [line for line in printed.err.splitlines() if " diverged " in line]
+    assert len(ended) == 1 and "lr=1e+06 seed=0" in ended[0] and "-- loss became" in ended[0]   # why, in the line
     _, _, children = mlflow_runs(out, "tiny")
     status = {c.data.params["train.lr"]: c for c in children}
     assert status["0.001"].info.status == "FINISHED"

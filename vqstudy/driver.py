@@ -171,6 +171,9 @@ def run(study: Study, out_dir: Path, address: str | None = None, tracking_uri: s
         preflight.check_local_gpus(study)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or folder.default_tracking_uri
     preflight.check_tracking_uri(uri)
+    cluster = address or os.environ.get("RAY_ADDRESS")
+    sys.stderr.write(f"{study.name}: {study.num_trials} trials into {folder.root}; "
+                     f"{f'joining the Ray cluster at {cluster}' if cluster else 'starting Ray'}...\n")
     # Each study gets its own experiment folder in a shared storage; in its own folder, `ray/`.
     storage = Storage(check_uri(storage_uri), f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}") if storage_uri \
         else Storage(str(folder.root), RAY_DIR)

@@ -1,14 +1,37 @@
-"""What a running study prints on stderr: one line per trial that ends, with its outcome,
-its swept keys and its headline metrics (a Tune Callback on the driver)."""
+"""What a running study prints on stderr (a Tune Callback on the driver): a line as each
+trial starts and as it ends, named by what the study varies, with the counts (running,
+pending, done), an ETA from the run times of the trials that ended, and, for a trial that
+ended badly, why in one line."""
 from __future__ import annotations
 
+import datetime
+import math
 import sys
+import time
 
 from .catalogue import HEADLINE
 from .outcome import Outcome, from_ray
 from .study import Study
-from .tables import fmt
+from .tables import fmt, trial_label
 from .trainable import unpack
+
+
+def failure_reason(error: BaseException | None) -> str:
+    """One line for a trial's error: the exception raised in the trial, not Ray's wrapper
+    around it (RayTaskError keeps it as `cause`)."""
+    if error is None:
+        return "failed"
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:2000]
+
+
+def eta(durations: list[float], running: int, pending: int, parallel: int) -> str:
+    """What is left, at the mean run time of the trials that ended, `parallel` at a time."""
+    if not durations or not running + pending:
+        return ""
+    seconds = math.ceil((running + pending) / max(parallel, 1)) * sum(durations) / len(durations)
+    return f", ETA ~{datetime.timedelta(seconds=round(seconds))}"
 
 
 def progress_callback(study: Study):
@@ -16,19 +39,49 @@ def progress_callback(study: Study):
     from ray.tune import Callback
 
     class Progress(Callback):
-        def _line(self, trials, trial, outcome: Outcome) -> None:
-            """Counted from Tune's trials, so that a resumed study goes on counting where it was."""
-            done = 1 + sum(1 for t in trials if t is not trial and t.is_finished())
-            r = unpack(trial.last_result or {})
-            params = " ".join(f"{k.split('.')[-1]}={fmt(trial.config.get(k), 3)}" for k in study.varied_keys)
-            metric = " ".join(f"{k}={fmt(r[k])}" for k in HEADLINE if k in r)
-            sys.stderr.write(f"[{done}/{study.num_trials}] {trial.trial_id} {outcome.value:<13} {params} {metric}\n")
+        def __init__(self):
+            self.started: dict[str, float] = {}
+            self.durations: list[float] = []
+            self.parallel = 1
+
+        def _counts(self, trials) -> tuple[int, int, int]:
+            """(running, pending, done), counted from Tune's trials (a resumed study goes on counting)."""
+            running = sum(t.status == "RUNNING" for t in trials)
+            done = sum(t.is_finished() for t in trials)
+            return running, max(study.num_trials - running - done, 0), done
+
+        def _say(self, text: str) -> None:
+            sys.stderr.write(text + "\n")
             sys.stderr.flush()
 
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.monotonic()
+            running, pending, done = self._counts(trials)
+            starting = trial.status != "RUNNING"           # Tune may not have moved it yet
+            running, pending = running + starting, max(pending - starting, 0)
+            self.parallel = max(self.parallel, running)
+            self._say(f"[{done}/{study.num_trials}] {trial.trial_id} started       {trial_label(study, trial.config)}"
+                      f"  ({running} running, {pending} pending)")
+
+        def _ended(self, trials, trial, outcome: Outcome, reason: str | None = None) -> None:
+            if trial.trial_id in self.started:
+                self.durations.append(time.monotonic() - self.started.pop(trial.trial_id))
+            running, pending, done = self._counts(trials)
+            running -= trial.status == "RUNNING"           # Tune may not have moved it yet
+            done += not trial.is_finished()
+            r = unpack(trial.last_result or {})
+            metric = " ".join(f"{k}={fmt(r[k])}" for k in HEADLINE if k in r)
+            why = f"  -- {reason}" if reason else ""
+            self._say(f"[{done}/{study.num_trials}] {trial.trial_id} {outcome.value:<13} "
+                      f"{trial_label(study, trial.config)}  {metric}{why}  ({running} running, {pending} pending"
+                      f"{eta(self.durations, running, pending, self.parallel)})")
+
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._line(trials, trial, from_ray("TERMINATED", trial.last_result or {}, study.planned_steps(trial.config)))
+            result = trial.last_result or {}
+            outcome = from_ray("TERMINATED", result, study.planned_steps(trial.config))
+            self._ended(trials, trial, outcome, result.get("failure") if outcome is Outcome.DIVERGED else None)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._line(trials, trial, Outcome.FAILED)
+            self._ended(trials, trial, Outcome.FAILED, failure_reason(trial.get_error()))
 
     return Progress()

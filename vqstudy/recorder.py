@@ -25,6 +25,7 @@ from . import snapshot, tracking
 from .catalogue import METRICS
 from .ledger import Ledger, TrialRecord, replay
 from .outcome import Outcome, from_ray
+from .progress import failure_reason
 from .study import Study
 from .tables import trial_label
 from .trainable import FIGURES_DIR, unpack
@@ -196,9 +197,7 @@ def make_recorder(study: Study, committer: Committer, interrupt=None, watch=None
             _completed(study, committer, trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            error = trial.get_error()
-            reason = f"{type(error).__name__}: {error}".splitlines()[0][:2000] if error else "failed"
-            committer.record("ended", trial.trial_id, Outcome.FAILED.value, reason, None)
+            committer.record("ended", trial.trial_id, Outcome.FAILED.value, failure_reason(trial.get_error()), None)
 
     return Recorder()
 
