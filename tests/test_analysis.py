@@ -177,6 +177,8 @@ def test_figures_and_report_are_written(tmp_path):
     for p in figures:
         head = p.read_bytes()[:8]
         assert p.stat().st_size > 2000 and (head.startswith(b"\x89PNG") or b"<?xml" in head)
+        if p.suffix == ".png":   # width from the PNG header (IHDR), big-endian at bytes 16-20
+            assert int.from_bytes(p.read_bytes()[16:20], "big") >= 1200, p.name
     md, html = write_report(tmp_path, "t", "summary", fits, figures)
     assert "| group | metric |" in md.read_text() and "![utilization_vs_K]" in md.read_text()
     assert html.read_text().count("data:image/png;base64,") == len([p for p in figures if p.suffix == ".png"])
@@ -208,3 +210,24 @@ def test_study_without_finished_trials(tmp_path, capsys):
     (tmp_path / "study.yaml").write_text("name: fake\n")
     assert main(["analyze", str(tmp_path)]) == 2
     assert "no finished trials to analyze (0 trials recorded)" in capsys.readouterr().err
+
+
+def test_axes_follow_the_data_not_a_runaway_band(tmp_path, monkeypatch):
+    """A flat metric with one seed gets a power-law band that runs far past the data (as vq's
+    recon_mse once did in the demo's report); the y axis is set by the points and their CIs,
+    so the band is cut at the axis."""
+    import vqstudy.analysis.plots as plots
+
+    flat = {16: 0.80, 64: 0.86, 256: 0.79, 1024: 0.85}     # no trend, one seed: the band reaches ~7e4
+    df = pd.DataFrame([{"quantizer.name": "vq", "quantizer.codebook_size": k, "train.seed": 0, "recon_mse": v}
+                       for k, v in flat.items()])
+    fits = [fit(df["quantizer.codebook_size"], df["recon_mse"], "power", n_boot=200)]
+    fits[0].group, fits[0].y_key = {"quantizer.name": "vq"}, "recon_mse"
+    band_lo, band_hi = fits[0].band(np.geomspace(16, 1024, 100))
+    limits = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, stem: limits.append(fig.axes[0].get_ylim()) or real_save(fig, stem))
+    plots.scaling_plot(df, "recon_mse", fits, tmp_path / "flat")
+    lo, hi = limits[0]
+    assert band_hi.max() > hi or band_lo.min() < lo              # the band does run past the axis
+    assert df["recon_mse"].min() / 1.2 < lo < df["recon_mse"].min() and df["recon_mse"].max() < hi < df["recon_mse"].max() * 1.2

@@ -1,14 +1,20 @@
-"""The study's figures (PNG and SVG): metric vs codebook size with fitted curves and 95%
-bands per quantizer, panels per latent dimension; effective_dim vs encoder capacity; the
-Pareto front of recon_mse vs utilization. Seeds are shown as faint dots, their mean as
-the marker, so the spread the fit has to explain stays visible.
+"""The study's figures (PNG at least `MIN_PNG_PX` wide, and SVG): metric vs codebook size
+with fitted curves and 95% bands per quantizer, panels per latent dimension; effective_dim
+vs encoder capacity; the Pareto front of recon_mse vs utilization. Seeds are shown as faint
+dots, their mean as the marker with its 95% confidence interval (none with one seed), so
+the spread the fit has to explain stays visible. A fitted curve is drawn only over the
+range it was fitted on, and the axes are set by the data, not by the bands: a band that
+runs far past the data (a fit the data cannot pin down) is cut at the axis, not allowed to
+squash the points into a line.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from ..catalogue import METRICS
 from ..figures import new_figure
@@ -27,12 +33,34 @@ def _figure(width: float, height: float):
     return new_figure(width, height, dpi=110, layout="constrained")
 
 
+MIN_PNG_PX = 1200   # PNG width: readable in a report at full width and when zoomed
+
+
 def _save(fig, stem: Path) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    for p in paths:
-        fig.savefig(p)
-    return paths
+    png, svg = stem.with_suffix(".png"), stem.with_suffix(".svg")
+    fig.savefig(png, dpi=max(fig.dpi, math.ceil(MIN_PNG_PX / fig.get_figwidth())))
+    fig.savefig(svg)
+    return [png, svg]
+
+
+def mean_ci(values: pd.Series) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t; 0 with one value)."""
+    n = values.count()
+    if n < 2:
+        return float(values.mean()), 0.0
+    return float(values.mean()), float(stats.t.ppf(0.975, n - 1) * values.std() / math.sqrt(n))
+
+
+def _limits_from_data(ax, lows, highs, log: bool) -> None:
+    """y limits that hold every point and CI bar with a margin; bands past them are cut."""
+    lo, hi = float(np.nanmin(lows)), float(np.nanmax(highs))
+    if log:
+        span = (hi / lo) ** 0.08 if lo > 0 and hi > lo else 1.5
+        ax.set_ylim(lo / span, hi * span)
+    else:
+        pad = 0.08 * (hi - lo) if hi > lo else max(abs(hi) * 0.1, 1e-3)
+        ax.set_ylim(lo - pad, hi + pad)
 
 
 def color_of(names: list[str]) -> dict[str, str]:
@@ -47,11 +75,13 @@ def _log2_axis(ax, xs) -> None:
     ax.minorticks_off()
 
 
-def _seed_points(ax, df: pd.DataFrame, x_key: str, y_key: str, color: str, label: str) -> None:
+def _seed_points(ax, df: pd.DataFrame, x_key: str, y_key: str, color: str, label: str) -> tuple[float, float]:
+    """Each seed as a faint dot, the mean with its 95% CI; returns the (low, high) they span."""
     ax.scatter(df[x_key], df[y_key], s=10, color=color, alpha=0.35, linewidths=0)
-    stats = df.groupby(x_key)[y_key].agg(["mean", "std"]).reset_index()
-    ax.errorbar(stats[x_key], stats["mean"], yerr=stats["std"].fillna(0), fmt="o", ms=4, color=color,
-                capsize=2, label=label)
+    rows = [(x, *mean_ci(v)) for x, v in df.groupby(x_key)[y_key]]
+    xs, means, half = (np.array(c, dtype=float) for c in zip(*rows))
+    ax.errorbar(xs, means, yerr=half, fmt="o", ms=4, color=color, capsize=2, label=label)
+    return min(df[y_key].min(), (means - half).min()), max(df[y_key].max(), (means + half).max())
 
 
 def scaling_plot(df: pd.DataFrame, y_key: str, fits: list[Fit], stem: Path, *, x_key: str = "quantizer.codebook_size",
@@ -59,12 +89,13 @@ def scaling_plot(df: pd.DataFrame, y_key: str, fits: list[Fit], stem: Path, *, x
     """y vs K, one colour per quantizer, one panel per value of `panel_key`, fits with bands."""
     panels = sorted(df[panel_key].unique()) if panel_key else [None]
     colors = color_of(list(df["quantizer.name"].unique()))
-    fig = _figure(4.2 * len(panels) + 0.6, 3.6)
+    fig = _figure(4.2 * len(panels) + 1.6, 3.6)
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    spans: list[tuple[float, float]] = []
     for ax, panel in zip(axes, panels):
         sub = df if panel is None else df[df[panel_key] == panel]
         for q, rows in sub.groupby("quantizer.name"):
-            _seed_points(ax, rows, x_key, y_key, colors[q], q)
+            spans.append(_seed_points(ax, rows, x_key, y_key, colors[q], q))
             for f in fits:
                 if f.group.get("quantizer.name") == q and (panel is None or f.group.get(panel_key) == panel):
                     grid = np.geomspace(*f.x_range, 100)
@@ -75,13 +106,18 @@ def scaling_plot(df: pd.DataFrame, y_key: str, fits: list[Fit], stem: Path, *, x
         ax.set_xlabel(LABELS.get(x_key, x_key))
         if panel is not None:
             ax.set_title(f"{LABELS.get(panel_key, panel_key).split(' (')[0]} = {panel}", fontsize=9)
-        if y_key == "utilization":
-            ax.set_ylim(-0.03, 1.05)
-        elif (sub[y_key] > 0).all():
-            ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
+    if y_key == "utilization":
+        axes[0].set_ylim(-0.03, 1.05)          # panels share y
+    else:
+        log = min(lo for lo, _ in spans) > 0
+        if log:
+            axes[0].set_yscale("log")
+        _limits_from_data(axes[0], [lo for lo, _ in spans], [hi for _, hi in spans], log)
     axes[0].set_ylabel(LABELS.get(y_key, y_key))
-    axes[0].legend(fontsize=8, title="quantizer (fit, 95% band)", title_fontsize=8)
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=8, title_fontsize=8,
+               title="quantizer\nmean ± 95% CI,\nfit and 95% band")   # outside: never over the data
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, stem)
