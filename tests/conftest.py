@@ -115,3 +115,13 @@ def tiny_study(tmp_path, name: str = "tiny", **sections) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(study))
     return path
+
+
+def error_line(stderr: str) -> str:
+    """The one line of a refused command's stderr; a `vqstudy run` may say first what it starts
+    ('NAME: N trials into DIR; starting Ray...' or '...; joining the Ray cluster at ADDR...')."""
+    lines = stderr.strip().splitlines()
+    if len(lines) == 2 and " trials into " in lines[0] and lines[0].endswith("..."):
+        lines = lines[1:]
+    assert len(lines) == 1 and lines[0].startswith("vqstudy: error: "), stderr[-2000:]
+    return lines[0]

@@ -16,18 +16,13 @@ from vqstudy.cli import main
 from vqstudy.folder import RECORDS_FILE, StudyFolder
 from vqstudy.study import load_study
 
-from .conftest import tiny_study
+from .conftest import error_line, tiny_study
 
 
 def _refused(args: list[str], capsys) -> str:
     """Exit 2 and one error line (after, at most, the run's own first line: 'starting Ray...')."""
     assert main(args) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    if len(lines) == 2:
-        assert lines[0].endswith(("starting Ray...", "...")) and ("trials into" in lines[0])
-        lines = lines[1:]
-    assert len(lines) == 1 and lines[0].startswith("vqstudy: error: ")
-    return lines[0]
+    return error_line(capsys.readouterr().err)
 
 
 def test_out_that_would_overwrite_is_refused(tmp_path, capsys):
