@@ -22,6 +22,9 @@ def connect(address: str | None) -> bool:
     # storage with its state: the ledger records all of it already.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # ...and when MLflow is first imported (after this), it sets its loggers from this variable:
+    # without it, each new store says "Creating initial MLflow database tables" at INFO.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     DRIVER_LOGS.install()
     # a failed trial's error is Tune's to handle (and the ledger's to record): Ray need not
     # print the worker's traceback again as "unhandled"
