@@ -417,3 +417,17 @@ def test_sigterm_and_sigint_interrupt_cleanly(tmp_path, ray_address, capsys):
     wall = {c.data.tags["vqstudy.trial_id"]: (c.info.end_time - c.info.start_time) / 1000 for c in children}
     for row in pq.read_table(out / "results.parquet").to_pylist():
         assert 0 < row["runtime_s"] < wall[row["trial_id"]]
+
+
+def test_failure_reason_is_the_trials_own_exception():
+    """A failed trial's reason names what the trial raised, not Ray's RayTaskError around it."""
+    from ray.exceptions import RayTaskError
+
+    from vqstudy.progress import failure_reason
+
+    try:
+        raise ValueError("data.root: /nope has no MNIST\nsecond line: the real reason")
+    except ValueError as e:
+        wrapped = RayTaskError("train", "Traceback ...", e)
+    assert failure_reason(wrapped) == "ValueError: second line: the real reason"
+    assert failure_reason(None) == "failed"

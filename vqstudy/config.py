@@ -82,7 +82,7 @@ class TrainConfig:
     device: str = spec("auto", doc="auto (cuda when the trial has a GPU, else cpu), cpu, cuda, cuda:N or mps")
     precision: str = spec("fp32", doc="fp32, or bf16 autocast of encoder and decoder (the quantizer stays fp32)",
                         choices=("fp32", "bf16"))
-    compile: bool = spec(False, doc="torch.compile the encoder and decoder (each trial compiles first: ~15 s on 2 CPU cores)")
+    compile: bool = spec(False, doc="torch.compile the encoder and decoder (each trial compiles first: ~5 s on 2 CPU cores)")
 
 
 SECTIONS: dict[str, type] = {

@@ -108,10 +108,11 @@ class DriverLogs:
 
 
 def root_cause(error: BaseException) -> str:
-    """The first line of the innermost exception behind `error` (SQLAlchemy and MLflow wrap
-    the database's own words, e.g. "database or disk is full")."""
+    """The last line of the innermost exception behind `error` (SQLAlchemy and MLflow wrap
+    the database's own words, e.g. "database or disk is full"; Ray's RayTaskError keeps the
+    exception a trial raised as `cause`)."""
     while True:
-        inner = getattr(error, "orig", None) or error.__cause__ or error.__context__
+        inner = getattr(error, "orig", None) or getattr(error, "cause", None) or error.__cause__ or error.__context__
         if inner is None or inner is error:
             break
         error = inner

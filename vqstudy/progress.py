@@ -10,6 +10,7 @@ import sys
 import time
 
 from .catalogue import HEADLINE
+from .connection import root_cause
 from .outcome import Outcome, from_ray
 from .study import Study
 from .tables import fmt, trial_label
@@ -17,13 +18,8 @@ from .trainable import unpack
 
 
 def failure_reason(error: BaseException | None) -> str:
-    """One line for a trial's error: the exception raised in the trial, not Ray's wrapper
-    around it (RayTaskError keeps it as `cause`)."""
-    if error is None:
-        return "failed"
-    cause = getattr(error, "cause", None) or error
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:2000]
+    """One line for a trial's error: the exception the trial raised, not Ray's wrapper."""
+    return root_cause(error)[:2000] if error is not None else "failed"
 
 
 def eta(durations: list[float], running: int, pending: int, parallel: int) -> str:
@@ -40,15 +36,18 @@ def progress_callback(study: Study):
 
     class Progress(Callback):
         def __init__(self):
-            self.started: dict[str, float] = {}
+            self.started: dict[str, float] = {}     # running trials -> when they started
             self.durations: list[float] = []
             self.parallel = 1
+            self.done: int | None = None              # counted once from Tune's trials (a resume goes on)
 
-        def _counts(self, trials) -> tuple[int, int, int]:
-            """(running, pending, done), counted from Tune's trials (a resumed study goes on counting)."""
-            running = sum(t.status == "RUNNING" for t in trials)
-            done = sum(t.is_finished() for t in trials)
-            return running, max(study.num_trials - running - done, 0), done
+        def _counts(self, trials, ending=None) -> tuple[int, int, int]:
+            """(running, pending, done), kept as trials start and end: a scan of every trial
+            at every event would cost O(trials^2) on a study of thousands."""
+            if self.done is None:
+                self.done = sum(t.is_finished() for t in trials if t is not ending)
+            running = len(self.started)
+            return running, max(study.num_trials - running - self.done, 0), self.done
 
         def _say(self, text: str) -> None:
             sys.stderr.write(text + "\n")
@@ -57,8 +56,6 @@ def progress_callback(study: Study):
         def on_trial_start(self, iteration, trials, trial, **info):
             self.started[trial.trial_id] = time.monotonic()
             running, pending, done = self._counts(trials)
-            starting = trial.status != "RUNNING"           # Tune may not have moved it yet
-            running, pending = running + starting, max(pending - starting, 0)
             self.parallel = max(self.parallel, running)
             self._say(f"[{done}/{study.num_trials}] {trial.trial_id} started       {trial_label(study, trial.config)}"
                       f"  ({running} running, {pending} pending)")
@@ -66,9 +63,9 @@ def progress_callback(study: Study):
         def _ended(self, trials, trial, outcome: Outcome, reason: str | None = None) -> None:
             if trial.trial_id in self.started:
                 self.durations.append(time.monotonic() - self.started.pop(trial.trial_id))
+            self._counts(trials, ending=trial)
+            self.done += 1
             running, pending, done = self._counts(trials)
-            running -= trial.status == "RUNNING"           # Tune may not have moved it yet
-            done += not trial.is_finished()
             r = unpack(trial.last_result or {})
             metric = " ".join(f"{k}={fmt(r[k])}" for k in HEADLINE if k in r)
             why = f"  -- {reason}" if reason else ""

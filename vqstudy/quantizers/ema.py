@@ -54,6 +54,8 @@ class EMAVQ(nn.Module):
     def _restart_dead(self, flat: Tensor) -> None:
         """Codes whose EMA usage fell below the threshold jump to random batch vectors."""
         dead = (self.cluster_size < self.dead_code_threshold)[:, None]     # (K, 1)
+        if flat.device.type == "cpu" and not dead.any():                    # free to ask on the CPU
+            return
         fresh = sample_rows(flat, self.embedding.shape[0])                  # (K, D): one candidate per code
         # Written with where, not by counting the dead codes: a count would wait for the device every step.
         self.embedding.copy_(torch.where(dead, fresh, self.embedding))
